@@ -1,0 +1,37 @@
+"""lora_analysis: rank analysis and interpretability of LoRA adapters.
+
+Reproduces Section 7 of "LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., 2021,
+arXiv 2106.09685) on any model: spectra of ΔW = s·B·A from the factors, subspace similarity φ
+across ranks, seeds and layers, and projections of ΔW against the pretrained W.
+"""
+
+from .adapters import Adapter, LoraModule
+from .config import LoraConfig
+from .errors import AdapterFormatError, LoraAnalysisError, ModuleResolutionError
+from .lora import (
+    LoraLinear,
+    extract_adapter,
+    inject_lora,
+    merge_lora,
+    remove_lora,
+    trainable_parameters,
+    unmerge_lora,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "AdapterFormatError",
+    "LoraAnalysisError",
+    "LoraConfig",
+    "LoraLinear",
+    "LoraModule",
+    "ModuleResolutionError",
+    "extract_adapter",
+    "inject_lora",
+    "merge_lora",
+    "remove_lora",
+    "trainable_parameters",
+    "unmerge_lora",
+]

@@ -1,0 +1,65 @@
+"""Entry point: parse, dispatch to a subcommand, map errors to exit codes.
+
+Exit codes: 0 success; 2 bad input or usage (one line on stderr naming the file and the
+problem; `--debug` shows the traceback); 1 unexpected failure.
+Each subcommand module exposes `register(subparsers)`, which adds its parser and sets
+`func=run` on it; `run(args) -> int | None`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+
+from ..errors import LoraAnalysisError
+
+SUBCOMMANDS: list[str] = []  # module names under lora_analysis.cli, e.g. "analyze"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-analysis",
+        description="Rank analysis and interpretability of LoRA adapters (LoRA paper, Section 7).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"{__package__}.{name}").register(subparsers)
+    return parser
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """Options every subcommand accepts (also after the subcommand name)."""
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except LoraAnalysisError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"lora-analysis: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lora-analysis: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI's last line of defence
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"lora-analysis: unexpected error ({type(err).__name__}): {err}; rerun with --debug", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

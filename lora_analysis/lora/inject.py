@@ -1,0 +1,191 @@
+"""Inject LoRA into a model, freeze the rest, merge/unmerge, remove, and read the factors out.
+
+    model = inject_lora(model, LoraConfig(r=8, target_modules=["query", "value"]), seed=0)
+    ...train...
+    adapter = extract_adapter(model)       # -> Adapter (factors + modules_to_save tensors)
+    merge_lora(model); unmerge_lora(model); remove_lora(model, merge=True)
+
+Modules and parameters are selected structurally (module types, module identity), never by a
+substring of a parameter name. Trainable-parameter count is Σ r·(d_in + d_out), i.e.
+|Θ| = 2·L·d·r for L square d×d projections (paper Sec. 4.2).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..adapters.adapter import Adapter, LoraModule
+from ..config import ALL_LINEAR, LoraConfig, matches_suffix
+from ..errors import LoraAnalysisError
+from .layer import LoraLinear, is_adaptable
+
+
+def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the Linear/Conv1D modules that `config.target_modules` selects, in model order."""
+    targets = config.target_modules
+    if targets is None:
+        raise LoraAnalysisError("target_modules is not set")
+    excluded = _excluded_from_all_linear(model, config) if targets == ALL_LINEAR else set()
+    names = []
+    for name, module in model.named_modules():
+        if not name or not is_adaptable(module) or isinstance(module, LoraLinear):
+            continue
+        if targets == ALL_LINEAR:
+            selected = not any(name == e or name.startswith(e + ".") for e in excluded)
+        elif isinstance(targets, str):
+            selected = re.fullmatch(targets, name) is not None
+        else:
+            selected = matches_suffix(name, list(targets))
+        if selected:
+            names.append(name)
+    if not names:
+        raise LoraAnalysisError(f"target_modules {targets!r} matches no Linear/Conv1D module of the model")
+    return names
+
+
+def _excluded_from_all_linear(model: nn.Module, config: LoraConfig) -> set[str]:
+    """The output head and modules_to_save subtrees, which "all-linear" leaves alone (as PEFT)."""
+    excluded = {name for name, _ in model.named_modules() if name and matches_suffix(name, config.modules_to_save or [])}
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    excluded |= {name for name, module in model.named_modules() if head is not None and module is head}
+    return excluded
+
+
+def inject_lora(model: nn.Module, config: LoraConfig, seed: int | None = 0) -> nn.Module:
+    """Replace the target layers of `model` (in place) by `LoraLinear` and freeze the rest.
+
+    Trainable afterwards: every lora_A/lora_B, the parameters of `config.modules_to_save`
+    modules, and biases per `config.bias` ("all", or "lora_only" for the wrapped layers).
+    `seed` seeds one CPU generator that initialises the layers in model order, so the same
+    seed gives identical factors. The config is kept as `model.lora_config`.
+    """
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    for name in find_target_modules(model, config):
+        base = model.get_submodule(name)
+        alpha = config.alpha_for(name)
+        layer = LoraLinear(
+            base,
+            r=config.rank_for(name),
+            alpha=config.r if alpha is None else alpha,
+            dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            init=config.init_lora_weights,
+            generator=generator,
+        )
+        _replace_module(model, name, layer)
+    model.lora_config = config
+    mark_trainable(model, config)
+    return model
+
+
+def mark_trainable(model: nn.Module, config: LoraConfig) -> None:
+    """Freeze everything, then unfreeze LoRA factors, modules_to_save and the chosen biases."""
+    model.requires_grad_(False)
+    for layer in lora_layers(model):
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+        if config.bias == "lora_only" and layer.base.bias is not None:
+            layer.base.bias.requires_grad_(True)
+    for module in _modules_to_save(model, config).values():
+        module.requires_grad_(True)
+    if config.bias == "all":
+        for module in model.modules():
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, nn.Parameter):
+                bias.requires_grad_(True)
+    elif config.bias not in ("none", "lora_only"):
+        raise LoraAnalysisError(f"bias must be 'none', 'all' or 'lora_only', got {config.bias!r}")
+
+
+def _modules_to_save(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
+    wanted = config.modules_to_save or []
+    found = {name: m for name, m in model.named_modules() if name and matches_suffix(name, wanted)}
+    missing = [w for w in wanted if not any(matches_suffix(n, [w]) for n in found)]
+    if missing:
+        raise LoraAnalysisError(f"modules_to_save {missing} match no module of the model")
+    return found
+
+
+def lora_layers(model: nn.Module) -> Iterator[LoraLinear]:
+    return (m for m in model.modules() if isinstance(m, LoraLinear))
+
+
+def named_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear))
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold ΔW into every LoRA layer's base weight (explicit; never implied by train/eval)."""
+    for layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for layer in lora_layers(model):
+        layer.unmerge()
+
+
+def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Put the base layers back: with ΔW folded in (`merge=True`) or without it."""
+    for name, layer in list(named_lora_layers(model)):
+        if merge and not layer.merged:
+            layer.merge()
+        elif not merge and layer.merged:
+            layer.unmerge()
+        _replace_module(model, name, layer.base)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+def extract_adapter(model: nn.Module, config: LoraConfig | None = None) -> Adapter:
+    """The model's LoRA factors and trained extra tensors as an `Adapter` (detached CPU copies).
+
+    Module names are the model's own (e.g. `bert.encoder.layer.0.attention.self.query`).
+    Extra tensors: parameters of `modules_to_save` and, per `config.bias`, trained biases.
+    """
+    config = config or getattr(model, "lora_config", None)
+    if config is None:
+        raise LoraAnalysisError("model has no LoRA config: call inject_lora first or pass config")
+    modules = {
+        name: LoraModule(
+            A=layer.lora_A.detach().cpu().clone(),
+            B=layer.lora_B.detach().cpu().clone(),
+            alpha=layer.alpha,
+            use_rslora=layer.use_rslora,
+            fan_in_fan_out=layer.fan_in_fan_out,
+        )
+        for name, layer in named_lora_layers(model)
+    }
+    lora_param_ids = {id(p) for layer in lora_layers(model) for p in (layer.lora_A, layer.lora_B)}
+    extra = {
+        unwrapped_parameter_name(model, name): p.detach().cpu().clone()
+        for name, p in model.named_parameters()
+        if p.requires_grad and id(p) not in lora_param_ids
+    }
+    config.fan_in_fan_out = any(m.fan_in_fan_out for m in modules.values())
+    return Adapter(modules=modules, config=config, extra_tensors=extra, source_format="ours")
+
+
+def unwrapped_parameter_name(model: nn.Module, name: str) -> str:
+    """`...query.base.bias` → `...query.bias`: a parameter's name in the model without LoRA."""
+    module_name, _, param = name.rpartition(".")
+    owner_name, _, last = module_name.rpartition(".")
+    if last == "base" and isinstance(model.get_submodule(owner_name) if owner_name else model, LoraLinear):
+        return f"{owner_name}.{param}" if owner_name else param
+    return name
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random models built from configs (no downloads) and tmp helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def tiny_bert():
+    """BertForSequenceClassification, 2 layers, hidden 32, random weights, eval mode."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, num_labels=2,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    """GPT2LMHeadModel (Conv1D projections), 2 layers, n_embd 32, random weights, eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture
+def token_ids():
+    return torch.randint(0, 100, (3, 11), generator=torch.Generator().manual_seed(1))
