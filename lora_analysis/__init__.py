@@ -17,6 +17,7 @@ from .lora import (
     trainable_parameters,
     unmerge_lora,
 )
+from .training import SweepResult, TrainConfig, TrainResult, run_sweep, train
 
 __version__ = "0.1.0"
 
@@ -28,13 +29,18 @@ __all__ = [
     "LoraLinear",
     "LoraModule",
     "ModuleResolutionError",
+    "SweepResult",
+    "TrainConfig",
+    "TrainResult",
     "apply_adapter",
     "extract_adapter",
     "inject_lora",
     "load_adapter",
     "merge_lora",
     "remove_lora",
+    "run_sweep",
     "save_adapter",
+    "train",
     "trainable_parameters",
     "unmerge_lora",
 ]

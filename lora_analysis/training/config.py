@@ -32,7 +32,8 @@ class TrainConfig:
         linear decay to 0; gradient clipping at max_grad_norm; `steps` optimizer steps of
         `batch_size` examples per process (per GPU under DDP) of at most max_seq_len tokens.
     seed: LoRA init, classifier init, data order and dropout.
-    Runtime: eval_every / checkpoint_every (steps; 0 = only at the end / never), device
+    Runtime: eval_every (validate at step 0 and every N steps; 0 = only at the end),
+        checkpoint_every (steps; 0 = never), device
         ("auto" = CUDA when present), output_dir (None: train in memory, write nothing),
         resume (continue from output_dir's checkpoint), progress (tqdm bar on stderr).
     """

@@ -86,3 +86,8 @@ def scatter_from_main(objs: list[Any] | None, ctx: DistContext) -> Any:
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
+
+
+def is_main_process() -> bool:
+    """True outside a process group and on its rank 0: the process that prints and writes."""
+    return not dist.is_initialized() or dist.get_rank() == 0

@@ -46,12 +46,14 @@ METRICS_NAME = "metrics.json"
 @dataclass
 class TrainResult:
     """adapter: the trained factors (+ head); metrics: what metrics.json holds; status:
-    "trained", "resumed" (continued from a checkpoint) or "finished" (found complete, not rerun)."""
+    "trained", "resumed" (continued from a checkpoint) or "finished" (found complete, not rerun);
+    model: the trained model with LoRA layers in it (None for a "finished" run)."""
 
     adapter: Adapter
     metrics: dict[str, Any]
     output_dir: Path | None
     status: str
+    model: nn.Module | None = None
 
 
 def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
@@ -127,7 +129,7 @@ class _Run:
     def run(self) -> TrainResult:
         if self.config.resume:
             self._resume()
-        if not self.progress["evals"]:
+        if self.step == 0 and self.config.eval_every:
             self._evaluate()
         started, first_step = time.perf_counter(), self.step
         bar = tqdm(
@@ -270,7 +272,7 @@ class _Run:
             atomic_write_text(self.output_dir / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
             self.checkpoint_path.unlink(missing_ok=True)
         barrier(self.ctx)
-        return TrainResult(adapter, metrics, self.output_dir, self.status)
+        return TrainResult(adapter, metrics, self.output_dir, self.status, self.model)
 
     def _metrics(self, adapter: Adapter) -> dict[str, Any]:
         lora = adapter.num_parameters()
@@ -281,7 +283,7 @@ class _Run:
             "completed": True,
             "task": self.config.task,
             "steps": self.step,
-            "initial": evals[0] if evals else None,
+            "initial": evals[0] if evals and evals[0]["step"] == 0 else None,
             "final": evals[-1] if evals else None,
             "evals": evals,
             "train_loss": self.progress["train_loss"],
