@@ -69,6 +69,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
+        # Paths are kept as strings so the config is JSON (metrics.json, manifest.json).
+        self.model, self.data = str(self.model), str(self.data)
         if self.output_dir is not None:
             self.output_dir = str(self.output_dir)
         self.validate()
