@@ -50,7 +50,7 @@ class TrainConfig:
     r: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
