@@ -205,13 +205,20 @@ def _read_torch_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AdapterFormatError(path, f"refused pickle: torch.load(weights_only=True) rejects it ({reason[:200]})") from None
+        raise AdapterFormatError(path, f"refused pickle: torch.load(weights_only=True) rejects it ({_unpickler_reason(err)})") from None
     except Exception as err:  # torch raises RuntimeError/EOFError/... for broken archives
-        raise AdapterFormatError(path, f"truncated or corrupt torch file ({type(err).__name__}: {str(err)[:200]})") from None
+        raise AdapterFormatError(path, f"truncated or corrupt torch file ({type(err).__name__}: {str(err).split('. ')[0]})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise AdapterFormatError(path, f"expected a flat dict of named tensors, got {type(state).__name__}")
     return state
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """The one useful line of torch's long weights_only error ("Unsupported global: GLOBAL io.open ...")."""
+    for line in str(err).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(" was not")[0].strip()
+    return type(err).__name__
 
 
 def _parse_json(text: str | bytes, path: str | os.PathLike, what: str) -> Any:
