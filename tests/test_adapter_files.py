@@ -232,3 +232,24 @@ def test_apply_rejects_wrong_shape_and_type(tiny_bert):
                     extra_tensors={"classifier.weight": torch.ones(3, 32)})
     with pytest.raises(LoraAnalysisError, match="classifier.weight"):
         apply_adapter(tiny_bert, extra)
+
+
+def test_safetensors_detected_by_content_not_name(tmp_path):
+    """A header length whose low byte is 0x80 looks like a pickle's first byte: still safetensors."""
+    tensors = {"fc.lora_A": torch.ones(2, 3), "fc.lora_B": torch.ones(4, 2)}
+    for pad in range(300):
+        path = tmp_path / "adapter.bin"
+        save_file(tensors, path, metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length with low byte 0x80")
+    assert load_adapter(path, alpha=2)["fc"].r == 2
+
+
+def test_apply_checks_modules_to_save_before_changing_the_model(tiny_gpt2):
+    adapter = Adapter({"transformer.h.0.attn.c_attn": LoraModule(torch.ones(2, 32), torch.ones(96, 2), alpha=2)},
+                      LoraConfig(modules_to_save=["classifier"]))
+    with pytest.raises(LoraAnalysisError, match="classifier"):
+        apply_adapter(tiny_gpt2, adapter)
+    assert not list(named_lora_layers(tiny_gpt2))

@@ -88,3 +88,19 @@ def test_we_load_peft_adapter(request, fixture, peft_kwargs, token_ids, tmp_path
 
     ours = apply_adapter(pristine, adapter)
     torch.testing.assert_close(logits(ours, token_ids), logits(theirs, token_ids), rtol=1e-6, atol=1e-6)
+
+
+def test_peft_rebuilds_per_module_rank_and_alpha_from_exact_patterns(tiny_bert, token_ids, tmp_path):
+    """Ranks/α's no config pattern describes are written as exact-name patterns; PEFT follows them."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                        rank_pattern={r"layer\.0\.attention\.self\.value": 2, r"layer\.1\.attention\.self\.query": 6},
+                        alpha_pattern={r"layer\.1\.attention\.self\.value": 5})
+    ours = randomize_lora(inject_lora(copy.deepcopy(tiny_bert), config, seed=0))
+    adapter = extract_adapter(ours)
+    adapter.config = LoraConfig(r=7, lora_alpha=1, target_modules=["query", "value"])  # describes nothing
+    save_adapter(adapter, tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(tiny_bert, tmp_path / "adapter").eval()
+    ranks = {n: (m.r["default"], m.scaling["default"]) for n, m in theirs.base_model.model.named_modules()
+             if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert ranks == {n: (m.r, m.scale) for n, m in adapter.items()}
+    torch.testing.assert_close(logits(theirs, token_ids), logits(ours, token_ids), rtol=1e-6, atol=1e-6)

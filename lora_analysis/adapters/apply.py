@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraAnalysisError, ModuleResolutionError
-from ..lora.inject import mark_trainable, named_lora_layers, replace_module, unwrapped_parameter_name
+from ..lora.inject import extra_parameters, mark_trainable, replace_module, unwrapped_parameter_name
 from ..lora.layer import LoraLinear, is_adaptable, linear_shape
 from ..naming import resolve_module_name
 from .adapter import Adapter
@@ -46,6 +46,9 @@ def apply_adapter(model: nn.Module, adapter: Adapter, strict: bool = True) -> nn
                 f"the model's {target!r} has {tuple(parameters[target].shape)}"
             )
 
+    config = replace(adapter.config, target_modules=list(targets.values()))
+    extra_parameters(model, config)  # raises now, not half-way, if modules_to_save or bias do not fit
+
     with torch.no_grad():
         for name, target in targets.items():
             module = adapter[name]
@@ -59,8 +62,8 @@ def apply_adapter(model: nn.Module, adapter: Adapter, strict: bool = True) -> nn
             replace_module(model, target, layer)
         for name, target in params.items():
             parameters[target].copy_(adapter.extra_tensors[name])
-    model.lora_config = replace(adapter.config, target_modules=[n for n, _ in named_lora_layers(model)])
-    mark_trainable(model, model.lora_config)
+    model.lora_config = config
+    mark_trainable(model, config)
     return model
 
 

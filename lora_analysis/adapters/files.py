@@ -162,9 +162,11 @@ def _config_describing(modules: dict[str, LoraModule]) -> LoraConfig:
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of a safetensors or torch file, and the safetensors header metadata."""
     with open(path, "rb") as f:
-        magic = f.read(2)
-    # torch.save writes a zip archive ("PK"), or a bare pickle (protocol opcode 0x80) in old files.
-    if magic == b"PK" or magic[:1] == b"\x80":
+        head = f.read(9)
+    # torch.save writes a zip archive ("PK"), or a bare pickle (opcode 0x80) in old files; a
+    # safetensors header length may start with those bytes too, but its JSON starts at byte 8.
+    torch_magic = head[:2] == b"PK" or head[:1] == b"\x80"
+    if torch_magic and path.suffix != ".safetensors" and head[8:9] != b"{":
         return _read_torch_file(path), {}
     return _read_safetensors(path)
 
