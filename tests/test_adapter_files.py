@@ -253,3 +253,15 @@ def test_apply_checks_modules_to_save_before_changing_the_model(tiny_gpt2):
     with pytest.raises(LoraAnalysisError, match="classifier"):
         apply_adapter(tiny_gpt2, adapter)
     assert not list(named_lora_layers(tiny_gpt2))
+
+
+def test_apply_unknown_alpha_uses_scale_one_and_refuses_duplicates(tiny_bert):
+    name = "bert.encoder.layer.0.attention.self.value"
+    with pytest.warns(UserWarning, match="alpha unknown"):
+        unknown = Adapter({name: LoraModule(torch.ones(3, 32), torch.ones(32, 3), alpha=None, use_rslora=True)})
+    layer = apply_adapter(copy.deepcopy(tiny_bert), unknown).bert.encoder.layer[0].attention.self.value
+    assert layer.scale == pytest.approx(1.0)
+    with pytest.warns(UserWarning, match="alpha unknown"):
+        twice = Adapter({name: unknown[name], name.removeprefix("bert."): unknown[name]})
+    with pytest.raises(LoraAnalysisError, match="same model module"):
+        apply_adapter(tiny_bert, twice)
