@@ -104,3 +104,28 @@ def test_peft_rebuilds_per_module_rank_and_alpha_from_exact_patterns(tiny_bert, 
              if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert ranks == {n: (m.r, m.scale) for n, m in adapter.items()}
     torch.testing.assert_close(logits(theirs, token_ids), logits(ours, token_ids), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.integration
+def test_real_minilm_round_trip_through_peft(tmp_path):
+    """Real MiniLM weights: ours → file → PEFT, and file → apply_adapter, give the same logits."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from lora_analysis.assets import asset_path
+
+    path = asset_path("minilm")
+
+    def fresh():  # a new random classifier head each time: the adapter must carry it
+        return BertForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+
+    batch = AutoTokenizer.from_pretrained(path)(["a gripping, funny film", "dull"], padding=True, return_tensors="pt")
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"],
+                        task_type="SEQ_CLS", base_model_name_or_path=str(path))
+    ours = randomize_lora(inject_lora(fresh(), config), std=0.05)
+    save_adapter(extract_adapter(ours), tmp_path / "minilm_lora")
+    with torch.no_grad():
+        expected = ours(**batch).logits
+        theirs = peft.PeftModel.from_pretrained(fresh(), tmp_path / "minilm_lora").eval()
+        torch.testing.assert_close(theirs(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+        applied = apply_adapter(fresh(), load_adapter(tmp_path / "minilm_lora"))
+        torch.testing.assert_close(applied(**batch).logits, expected, rtol=0, atol=0)
