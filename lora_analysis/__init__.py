@@ -6,6 +6,16 @@ across ranks, seeds and layers, and projections of ΔW against the pretrained W.
 """
 
 from .adapters import Adapter, LoraModule, apply_adapter, load_adapter, save_adapter
+from .analysis import (
+    AdapterAnalysis,
+    adapter_spectra,
+    analyze_adapter,
+    compare_adapters,
+    compare_layers,
+    module_spectrum,
+    subspace_similarity,
+)
+from .base_weights import BaseWeights
 from .config import LoraConfig
 from .errors import AdapterFormatError, LoraAnalysisError, ModuleResolutionError
 from .lora import (
@@ -22,19 +32,27 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "AdapterAnalysis",
     "AdapterFormatError",
+    "BaseWeights",
     "LoraAnalysisError",
     "LoraConfig",
     "LoraLinear",
     "LoraModule",
     "ModuleResolutionError",
+    "adapter_spectra",
+    "analyze_adapter",
     "apply_adapter",
+    "compare_adapters",
+    "compare_layers",
     "extract_adapter",
     "inject_lora",
     "load_adapter",
     "merge_lora",
+    "module_spectrum",
     "remove_lora",
     "save_adapter",
+    "subspace_similarity",
     "trainable_parameters",
     "unmerge_lora",
 ]
