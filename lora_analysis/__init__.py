@@ -27,6 +27,7 @@ from .lora import (
     trainable_parameters,
     unmerge_lora,
 )
+from .training import SweepResult, TrainConfig, TrainResult, run_sweep, train
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,9 @@ __all__ = [
     "LoraLinear",
     "LoraModule",
     "ModuleResolutionError",
+    "SweepResult",
+    "TrainConfig",
+    "TrainResult",
     "adapter_spectra",
     "analyze_adapter",
     "apply_adapter",
@@ -51,8 +55,10 @@ __all__ = [
     "merge_lora",
     "module_spectrum",
     "remove_lora",
+    "run_sweep",
     "save_adapter",
     "subspace_similarity",
+    "train",
     "trainable_parameters",
     "unmerge_lora",
 ]

@@ -15,7 +15,7 @@ import traceback
 
 from ..errors import LoraAnalysisError
 
-SUBCOMMANDS: list[str] = []  # module names under lora_analysis.cli, e.g. "analyze"
+SUBCOMMANDS: list[str] = ["train"]  # module names under lora_analysis.cli, e.g. "analyze"
 
 
 def build_parser() -> argparse.ArgumentParser:
