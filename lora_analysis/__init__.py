@@ -6,6 +6,16 @@ across ranks, seeds and layers, and projections of ΔW against the pretrained W.
 """
 
 from .adapters import Adapter, LoraModule
+from .analysis import (
+    AdapterAnalysis,
+    adapter_spectra,
+    analyze_adapter,
+    compare_adapters,
+    compare_layers,
+    module_spectrum,
+    subspace_similarity,
+)
+from .base_weights import BaseWeights
 from .config import LoraConfig
 from .errors import AdapterFormatError, LoraAnalysisError, ModuleResolutionError
 from .lora import (
@@ -22,6 +32,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "AdapterAnalysis",
+    "BaseWeights",
+    "adapter_spectra",
+    "analyze_adapter",
+    "compare_adapters",
+    "compare_layers",
+    "module_spectrum",
+    "subspace_similarity",
     "AdapterFormatError",
     "LoraAnalysisError",
     "LoraConfig",
