@@ -15,8 +15,8 @@ from .grouping import layer_labels, projection_type
 from .summary import recommendation, summarize, tau_key
 
 if TYPE_CHECKING:
-    from ..adapters import Adapter
-    from ..analysis import AdapterAnalysis, AdapterComparison, Comparison
+    from ..adapters import Adapter, LoraModule
+    from ..analysis import AdapterAnalysis, AdapterComparison, ModuleAnalysis
 
 SCHEMA_VERSION = "1.0"
 
@@ -45,27 +45,30 @@ def analyze_report(
     num_modules: int | None = None,
     path: str | None = None,
     base_path: str | None = None,
+    base_names: Mapping[str, str] | None = None,
     patterns: Sequence[str] | None = None,
     top: int | None = None,
 ) -> dict:
-    """The `analyze` report of `adapter` (the selected modules) and its `analysis`.
+    """The `analyze` report of `adapter` (its selected modules) from `analysis`.
 
     num_modules: modules in the adapter file before selection (default: len(adapter)).
+    base_names: adapter module → its weight's name in the base checkpoint.
     top: list only the N modules with the largest ‖ΔW‖_F; summaries cover all of them.
     """
     taus = list(analysis.taus)
-    layers = layer_labels(list(adapter.modules))
+    layers = layer_labels(list(analysis.modules))
+    base_names = base_names or {}
     entries = {
-        name: module_entry(name, adapter[name], result, taus, layers[name])
+        name: module_entry(name, adapter[name], result, taus, layers[name], base_names.get(name, name))
         for name, result in analysis.modules.items()
     }
     shown = entries
     if top is not None:
         ranked = sorted(entries, key=lambda n: entries[n]["frobenius_norm"], reverse=True)[:top]
         shown = {name: entries[name] for name in ranked}
+    intruders = next((r.intruders for r in analysis.modules.values() if r.intruders is not None), None)
     info = adapter_info(adapter, path)
-    if num_modules is not None:
-        info["num_modules"] = num_modules
+    info["num_modules"] = len(adapter) if num_modules is None else num_modules
     info["num_analyzed"] = len(entries)
     info["num_parameters"] = sum(e["parameters"] for e in entries.values())
     return {
@@ -78,8 +81,8 @@ def analyze_report(
             "energy_thresholds": taus,
             "modules": list(patterns) if patterns else None,
             "top": top,
-            "intruder_top_k": analysis.intruder_k if base_path is not None else None,
-            "intruder_epsilon": analysis.intruder_epsilon if base_path is not None else None,
+            "intruder_top_k": None if intruders is None else intruders.k,
+            "intruder_epsilon": None if intruders is None else intruders.epsilon,
         },
         "modules": shown,
         "summary": summarize(entries, taus),
@@ -87,9 +90,9 @@ def analyze_report(
     }
 
 
-def module_entry(name: str, module, result, taus: Sequence[float], layer: str | None) -> dict:
-    """`schema.json#/$defs/module_report` of one module: `module` its LoraModule, `result` its
-    analysis (spectrum, metrics and, with base weights, projections, φ_W, intruders)."""
+def module_entry(name: str, module: "LoraModule", result: "ModuleAnalysis", taus: Sequence[float],
+                 layer: str | None, base_name: str) -> dict:
+    """`schema.json#/$defs/module_report` of one module from its factors and analysis."""
     metrics = result.metrics
     energy_rank = {tau_key(t): int(metrics.energy_rank[t]) for t in taus}
     return {
@@ -112,20 +115,20 @@ def module_entry(name: str, module, result, taus: Sequence[float], layer: str | 
         "recommended_rank": energy_rank,
         "parameter_saving": {k: (module.r - v) * (module.d_in + module.d_out) for k, v in energy_rank.items()},
         "singular_values": [float(s) for s in result.spectrum.S],
-        "base": None if result.projection is None else base_entry(result),
+        "base": None if result.projection is None else base_entry(result, base_name),
     }
 
 
-def base_entry(result) -> dict:
-    """`schema.json#/$defs/base_report`: one module against its pretrained weight."""
+def base_entry(result: "ModuleAnalysis", base_name: str) -> dict:
+    """`schema.json#/$defs/base_report`: one module against its pretrained weight W."""
     projection, intruders = result.projection, result.intruders
     return {
-        "base_module": result.base_module,
+        "base_module": base_name,
         "weight_frobenius_norm": projection.weight_norm,
         "projection_norms": {"delta": projection.delta, "weight": projection.weight, "random": projection.random},
         "amplification": _number(projection.amplification),
-        "phi_weight": phi_grid(result.phi_weight, result.spectrum.d_out),
-        "intruders": {
+        "phi_weight": phi_grid(result.phi_vs_weight, result.spectrum.d_out),
+        "intruders": None if intruders is None else {
             "top_k": intruders.k,
             "epsilon": intruders.epsilon,
             "count": intruders.count,
@@ -148,7 +151,7 @@ def compare_report(
     adapter_a: "Adapter",
     adapter_b: "Adapter",
     *,
-    top_k: int,
+    top_k: int | None = None,
     path_a: str | None = None,
     path_b: str | None = None,
     patterns: Sequence[str] | None = None,

@@ -45,7 +45,8 @@ def group_summary(group: str, entries: Sequence[Mapping], taus: Sequence[float])
     bases = [e["base"] for e in entries if e.get("base")]
     if bases:
         row["mean_amplification"] = mean(b["amplification"] for b in bases)
-        row["intruders"] = sum(b["intruders"]["count"] for b in bases)
+        counts = [b["intruders"]["count"] for b in bases if b["intruders"] is not None]
+        row["intruders"] = sum(counts) if counts else None
     return row
 
 

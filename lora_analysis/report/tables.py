@@ -115,39 +115,38 @@ def _module_table(report: Mapping, taus) -> Table:
 
 def _base_table(report: Mapping) -> Table:
     columns = ["module", "‖W‖_F", "‖ΔW‖_F", "‖UᵀWV‖ ΔW", "‖UᵀWV‖ W", "‖UᵀWV‖ random", "amplification",
-               "φ_W(r, r)", "chance", "intruders"]
+               "φ_W(k, k)", "chance", "intruders"]
     rows = []
     for name, m in report["modules"].items():
         b = m["base"]
         proj = b["projection_norms"]
+        k, phi_kk = _phi_weight_corner(b["phi_weight"])
         rows.append([
             name, fmt(b["weight_frobenius_norm"]), fmt(m["frobenius_norm"]), fmt(proj["delta"]),
             fmt(proj["weight"]), fmt(proj["random"]), fmt(b["amplification"], 3),
-            fmt(_phi_weight_corner(b["phi_weight"]), 3), fmt(_phi_chance_corner(b["phi_weight"]), 2),
-            f"{b['intruders']['count']}/{b['intruders']['top_k']}",
+            fmt(phi_kk, 3), fmt(k / b["phi_weight"]["dim"] if k else None, 2),
+            MISSING if b["intruders"] is None else f"{b['intruders']['count']}/{b['intruders']['top_k']}",
         ])
-    first = next(iter(report["modules"].values()), None)
-    eps = first["base"]["intruders"]["epsilon"] if first else None
+    settings = report["settings"]
     notes = [
         "‖UᵀWV‖_F with U, V the top-r singular vectors of ΔW, of W, or random orthonormal (paper Table 7); "
         "amplification = ‖ΔW‖_F / ‖UᵀWV‖_F (ΔW's U, V)",
-        "φ_W(r, r): φ between the top-r left singular vectors of W and of ΔW (paper Figure 8), chance = r/d",
-        f"intruders: top singular vectors of W + ΔW with max |cos| < {fmt(eps)} against every singular vector of W",
+        "φ_W(k, k): φ between the top-k left singular vectors of W and of ΔW (paper Figure 8), "
+        "k = ΔW's numerical rank; chance = k/d",
     ]
+    if settings["intruder_top_k"] is not None:
+        notes.append(f"intruders: among the top-{settings['intruder_top_k']} singular vectors of W + ΔW, those with "
+                     f"max |cos| < {fmt(settings['intruder_epsilon'])} against every singular vector of W")
     return Table("Against the base weights", columns, rows, [False] + [True] * (len(columns) - 1), notes)
 
 
-def _phi_weight_corner(grid: Mapping) -> float | None:
-    """φ(n, n) at the largest square corner of a φ grid, n = min(rows, columns)."""
+def _phi_weight_corner(grid: Mapping) -> tuple[int, float | None]:
+    """(k, φ(k, k)) at the largest unmasked diagonal entry of a φ grid; (0, None) if none."""
     phi = grid["phi"]
-    n = min(len(phi), len(phi[0]) if phi else 0)
-    return phi[n - 1][n - 1] if n else None
-
-
-def _phi_chance_corner(grid: Mapping) -> float | None:
-    phi = grid["phi"]
-    n = min(len(phi), len(phi[0]) if phi else 0)
-    return n / grid["dim"] if n else None
+    for k in range(min(len(phi), len(phi[0]) if phi else 0), 0, -1):
+        if phi[k - 1][k - 1] is not None:
+            return k, phi[k - 1][k - 1]
+    return 0, None
 
 
 # ---------------------------------------------------------------------------- compare
