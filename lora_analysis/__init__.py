@@ -5,7 +5,7 @@ arXiv 2106.09685) on any model: spectra of ΔW = s·B·A from the factors, subsp
 across ranks, seeds and layers, and projections of ΔW against the pretrained W.
 """
 
-from .adapters import Adapter, LoraModule
+from .adapters import Adapter, LoraModule, apply_adapter, load_adapter, save_adapter
 from .analysis import (
     AdapterAnalysis,
     adapter_spectra,
@@ -46,10 +46,13 @@ __all__ = [
     "LoraLinear",
     "LoraModule",
     "ModuleResolutionError",
+    "apply_adapter",
     "extract_adapter",
     "inject_lora",
+    "load_adapter",
     "merge_lora",
     "remove_lora",
+    "save_adapter",
     "trainable_parameters",
     "unmerge_lora",
 ]
