@@ -96,7 +96,7 @@ def phi_figure(panels: Sequence[PhiPanel], *, ncols: int | None = None, suptitle
     if not panels:
         raise ValueError("phi_figure needs at least one panel")
     n = len(panels)
-    ncols = ncols or min(n, max(1, math.ceil(math.sqrt(n * 1.5))))
+    ncols = ncols or (min(n, 4) if n <= 8 else math.ceil(math.sqrt(n * 1.5)))
     nrows = math.ceil(n / ncols)
     width, height = panel_size * ncols + 1.0, panel_size * nrows + (0.5 if suptitle else 0.1)
     fig = Figure(figsize=(width, height), layout="constrained", dpi=_dpi(width, height))
@@ -240,9 +240,7 @@ def _reproducible_metadata(fmt: str) -> dict:
 def _cmap(name: str):
     from matplotlib import colormaps
 
-    cmap = colormaps[name].copy()
-    cmap.set_bad(MASKED_COLOR)
-    return cmap
+    return colormaps[name].with_extremes(bad=MASKED_COLOR)
 
 
 def _dpi(width_in: float, height_in: float, preferred: float = 150.0) -> float:

@@ -98,10 +98,11 @@ def register(subparsers) -> None:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
+    from ..adapters import load_adapter
     from ..analysis import analyze_adapter
     from ..report import analyze_report, render
 
-    adapter = _load(args.adapter, alpha=args.alpha)
+    adapter = load_adapter(args.adapter, alpha=args.alpha)
     selected = _select(adapter, args.modules, args.adapter)
     base, base_names = None, None
     if args.base:
@@ -126,6 +127,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    from ..adapters import load_adapter
     from ..analysis import compare_adapters
     from ..report import compare_report, render
 
@@ -133,8 +135,8 @@ def run_compare(args: argparse.Namespace) -> int:
         from ..plots import figure_format
 
         figure_format(args.plot)  # a bad extension fails before the work
-    adapter_a = _select(_load(args.adapter_a), args.modules, args.adapter_a)
-    adapter_b = _select(_load(args.adapter_b), args.modules, args.adapter_b)
+    adapter_a = _select(load_adapter(args.adapter_a), args.modules, args.adapter_a)
+    adapter_b = _select(load_adapter(args.adapter_b), args.modules, args.adapter_b)
     comparison = compare_adapters(adapter_a, adapter_b, basis=args.basis, top_k=args.top_k, progress=not args.quiet)
     report = compare_report(comparison, adapter_a, adapter_b, top_k=args.top_k, path_a=args.adapter_a,
                             path_b=args.adapter_b, patterns=args.modules)
@@ -150,21 +152,16 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def _plot_comparison(report: dict, path: str) -> None:
     from ..plots import PhiPanel, phi_figure, save_figure
+    from ..report.grouping import common_prefix
 
+    prefix = common_prefix(list(report["pairs"]))
     panels = [
-        PhiPanel(pair["phi"], title=name, xlabel=f"j (B, r={pair['r_b']})", ylabel=f"i (A, r={pair['r_a']})", dim=pair["dim"])
+        PhiPanel(pair["phi"], title=name[len(prefix):], xlabel=f"j (B, r={pair['r_b']})",
+                 ylabel=f"i (A, r={pair['r_a']})", dim=pair["dim"])
         for name, pair in report["pairs"].items()
     ]
-    suptitle = f"Subspace similarity φ(i, j), basis {report['basis']}"
+    suptitle = f"Subspace similarity φ(i, j), basis {report['basis']}" + (f" — {prefix}*" if prefix else "")
     save_figure(phi_figure(panels, suptitle=suptitle), path)
-
-
-def _load(path: str, alpha: float | None = None):
-    from ..adapters import load_adapter
-
-    if not os.path.exists(path):
-        raise LoraAnalysisError(f"{path}: no such file or directory")
-    return load_adapter(path, alpha=alpha)
 
 
 def _select(adapter, patterns: list[str] | None, path: str):

@@ -62,3 +62,16 @@ def layer_labels(names: list[str]) -> dict[str, str | None]:
         name: None if layer is None else (str(layer[1]) if single else f"{layer[0]}.{layer[1]}")
         for name, layer in layers.items()
     }
+
+
+def common_prefix(names: list[str]) -> str:
+    """Longest common prefix ending at a "." that leaves every name non-empty, for shortening
+    long module paths in tables and figure titles; "" when shorter than 8 characters."""
+    if len(names) < 2:
+        return ""
+    prefix = names[0]
+    for name in names[1:]:
+        while not name.startswith(prefix):
+            prefix = prefix[:-1]
+    prefix = prefix[: prefix.rfind(".") + 1]
+    return prefix if len(prefix) >= 8 and all(len(n) > len(prefix) for n in names) else ""

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from .grouping import common_prefix
 from .summary import tau_key
 
 MISSING = "—"
@@ -169,7 +170,8 @@ def compare_tables(report: Mapping) -> list[Table]:
         ])
     notes = [
         f"basis {report['basis']}: {BASIS_NOTES[report['basis']]}; φ(i, j) = ‖U_iᵀ V_j‖²_F / min(i, j) (paper Eq. 4)",
-        f"k = min({top_k}, r_a, r_b); chance = expected φ for random subspaces, max(i, j)/d",
+        (f"k = min({top_k}, numerical ranks)" if top_k else "k = the smaller numerical rank")
+        + "; chance = expected φ of independent random subspaces, max(i, j)/d",
     ]
     tables = [Table("Subspace similarity φ per module", columns, rows,
                     [False] + [True] * (len(columns) - 1), notes)]
@@ -196,7 +198,7 @@ def render_text(title: str, header: Sequence[str], tables: Sequence[Table]) -> s
     out = [title, "=" * len(title), *header, ""]
     for table in tables:
         columns, rows, notes = table.columns, table.rows, list(table.notes)
-        prefix = _common_prefix([row[0] for row in rows]) if columns[0] == "module" else ""
+        prefix = common_prefix([row[0] for row in rows]) if columns[0] == "module" else ""
         if prefix:
             rows = [[row[0][len(prefix):], *row[1:]] for row in rows]
             notes.insert(0, f"module paths relative to {prefix}")
@@ -228,18 +230,6 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("*", "\\*").replace("_", "\\_")
 
 
-def _common_prefix(names: Sequence[str]) -> str:
-    """Longest common prefix ending at a "." that leaves every name non-empty; "" if short."""
-    if len(names) < 2:
-        return ""
-    prefix = names[0]
-    for name in names[1:]:
-        while not name.startswith(prefix):
-            prefix = prefix[:-1]
-    prefix = prefix[: prefix.rfind(".") + 1]
-    return prefix if len(prefix) >= 8 and all(len(n) > len(prefix) for n in names) else ""
-
-
 def analyze_header(report: Mapping) -> list[str]:
     """Lines describing what was analyzed, shown above the tables."""
     adapter, settings = report["adapter"], report["settings"]
@@ -261,5 +251,5 @@ def compare_header(report: Mapping) -> list[str]:
     return [
         f"A: {a['path']} ({a['format'] or 'unknown format'}, {a['num_modules']} modules)",
         f"B: {b['path']} ({b['format'] or 'unknown format'}, {b['num_modules']} modules)",
-        f"basis: {report['basis']} ({BASIS_NOTES[report['basis']]}); {len(report['pairs'])} module pairs compared",
+        f"basis: {report['basis']}, the {BASIS_NOTES[report['basis']]}; {len(report['pairs'])} module pairs compared",
     ]
