@@ -31,6 +31,7 @@ from .similarity import (
     principal_angles,
     random_basis,
     random_reference_grid,
+    seeded_generator,
     subspace_similarity,
 )
 from .spectrum import (
@@ -78,6 +79,7 @@ __all__ = [
     "random_basis",
     "random_reference_grid",
     "rank_metrics",
+    "seeded_generator",
     "subspace_similarity",
     "weight_svd",
 ]

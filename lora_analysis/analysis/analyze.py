@@ -3,26 +3,28 @@ weights, the analyses against W (Table 7 projections, Figure 8 φ, intruder dime
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..adapters import Adapter
 from ..base_weights import BaseWeights
-from .intruders import Intruders
-from .projection import ProjectionNorms, WeightSpectrum
-from .spectrum import DEFAULT_TAUS, ModuleSpectrum, RankMetrics
+from .intruders import Intruders, intruder_dimensions
+from .projection import ProjectionNorms, WeightSpectrum, phi_vs_weight, projection_norms, weight_svd
+from .spectrum import DEFAULT_TAUS, ModuleSpectrum, RankMetrics, iter_spectra
 
 
 @dataclass
 class ModuleAnalysis:
     """Everything computed for one module.
 
-    spectrum / metrics always; with base weights: weight_spectrum (W's SVD, top
-    `weight_k` or full thin), projection (Table 7 at r = ΔW's numerical rank), phi_vs_weight
-    ((k_W, m) grid, Fig. 8), intruders (top-k of W + ΔW, when requested).
+    spectrum / metrics always; with base weights: weight_spectrum (W's top max(weight_k, rank)
+    singular triplets), projection (Table 7 at r = ΔW's numerical rank), phi_vs_weight
+    ((weight_k, m) grid, Fig. 8), intruders (top-k of W + ΔW; None where skipped).
     """
 
     name: str
@@ -62,18 +64,52 @@ def analyze_adapter(
     progress: bool = True,
     *,
     weight_k: int = 64,
-    intruders: bool = True,
+    intruders: bool | None = None,
     intruder_k: int = 10,
     intruder_epsilon: float = 0.5,
+    exact_max_dim: int = 1536,
     cache: bool = True,
-    cache_dir: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
 ) -> AdapterAnalysis:
     """Analyse every module of `adapter` (progress bar on stderr unless progress=False).
 
-    With `base`: W per module (read lazily), its SVD (top `weight_k`, exact or randomized and
-    cached; the full thin SVD when `intruders`), Table 7 projections, Figure 8 φ and intruder
-    dimensions. Intruders need W's full SVD: seconds for d ≤ 1024, about a minute per
-    4096 × 4096 weight on 2 CPU cores, computed once and cached.
+    With `base`: W per module (read lazily, one at a time), its SVD (top max(weight_k, r),
+    exact when min(d) ≤ exact_max_dim, else randomized; cached on disk), Table 7 projections,
+    Figure 8 φ and intruder dimensions. Intruders need W's full SVD: intruders=None computes
+    them only for modules with min(d) ≤ exact_max_dim (seconds) and notes the skipped ones;
+    True forces them (about a minute per 4096 × 4096 weight on 2 CPU cores, cached).
     """
-    raise NotImplementedError
+    taus = tuple(float(t) for t in taus)
+    analysis = AdapterAnalysis({}, taus, adapter.source, base.source if base else None, adapter.alpha_known)
+    if not adapter.alpha_known:
+        analysis.notes.append(
+            "LoRA alpha unknown: s = 1 assumed, so absolute magnitudes (‖ΔW‖_F, σ, Table 7) are "
+            "known only up to the factor s; ranks and φ are unaffected"
+        )
+    skipped = []
+    items = tqdm(adapter.items(), total=len(adapter), desc="analyze", unit="module", disable=not progress)
+    for name, spectrum in iter_spectra(items, device):
+        result = ModuleAnalysis(name, spectrum, spectrum.metrics(taus))
+        if base is not None:
+            want_intruders = intruders if intruders is not None else min(spectrum.shape) <= exact_max_dim
+            if not want_intruders:
+                skipped.append(name)
+            W = base.weight(name, adapter[name]).to(spectrum.Q_B)
+            svd_options = dict(exact_max_dim=exact_max_dim, cache=cache, cache_dir=cache_dir)
+            k = None if want_intruders else max(weight_k, spectrum.numerical_rank)
+            weight_spectrum = weight_svd(W, k, **svd_options)
+            result.weight_spectrum = weight_spectrum.top(max(weight_k, spectrum.numerical_rank))
+            result.projection = projection_norms(spectrum, W, weight_spectrum=weight_spectrum)
+            result.phi_vs_weight = phi_vs_weight(spectrum, result.weight_spectrum.top(weight_k))
+            if want_intruders:
+                result.intruders = intruder_dimensions(
+                    spectrum, W, intruder_k, intruder_epsilon, weight_spectrum, exact_max_dim=exact_max_dim
+                )
+        analysis.modules[name] = result
+    if skipped and intruders is None:
+        analysis.notes.append(
+            f"intruder dimensions skipped for {len(skipped)} module(s) with min(d_out, d_in) > "
+            f"{exact_max_dim} (they need W's full SVD): pass intruders=True to compute them"
+        )
+    return analysis

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .projection import WeightSpectrum
+from ..errors import LoraAnalysisError
+from .projection import WeightSpectrum, randomized_svd, weight_svd
+from .similarity import seeded_generator
 from .spectrum import ModuleSpectrum
 
 
@@ -46,9 +48,45 @@ def intruder_dimensions(
     epsilon: float = 0.5,
     weight_spectrum: WeightSpectrum | None = None,
     seed: int = 0,
+    exact_max_dim: int = 1536,
 ) -> Intruders:
     """Intruder dimensions of W + ΔW, W: (d_out, d_in), ΔW from `spectrum`.
 
     `weight_spectrum` must be W's full thin SVD (`weight_svd(W)`, cached); computed when None.
+    W + ΔW's top-k: exact SVD of the materialized sum when min(d_out, d_in) ≤ exact_max_dim,
+    else randomized on the implicit operator X ↦ W X + U (S ∘ VᵀX) (never formed).
     """
-    raise NotImplementedError
+    if W.shape != spectrum.shape:
+        raise LoraAnalysisError(f"W has shape {tuple(W.shape)}, ΔW has (d_out, d_in) = {spectrum.shape}")
+    if not 0 < k <= min(W.shape):
+        raise LoraAnalysisError(f"intruder top-k must be in [1, {min(W.shape)}], got {k}")
+    if weight_spectrum is None:
+        weight_spectrum = weight_svd(W)
+    if not weight_spectrum.exact or weight_spectrum.k < min(W.shape):
+        raise LoraAnalysisError("intruder dimensions need the full thin SVD of W: pass weight_svd(W) (k=None)")
+    W = W.to(spectrum.Q_B)
+    tuned = _top_singular(spectrum, W, k, exact_max_dim, seed)
+    max_cos = (weight_spectrum.U.to(W).T @ tuned.U).abs().amax(dim=0).double().cpu().numpy()
+    return Intruders(
+        k=k,
+        epsilon=epsilon,
+        singular_values=tuned.S.cpu().numpy(),
+        max_cos=max_cos,
+        is_intruder=max_cos < epsilon,
+        exact=tuned.exact,
+        max_residual=tuned.max_residual,
+    )
+
+
+def _top_singular(spectrum: ModuleSpectrum, W: torch.Tensor, k: int, exact_max_dim: int, seed: int) -> WeightSpectrum:
+    """Top-k SVD of W + ΔW = W + U diag(S) Vᵀ."""
+    U, V = spectrum.U, spectrum.V
+    S = spectrum.S.to(U)
+    if min(W.shape) <= exact_max_dim:
+        return weight_svd(W + (U * S) @ V.T, cache=False).top(k)
+    width = min(3 * k, min(W.shape))  # oversampling 2k, as for W itself
+    return randomized_svd(
+        lambda X: W @ X + U @ (S[:, None] * (V.T @ X)),
+        lambda Y: W.T @ Y + V @ (S[:, None] * (U.T @ Y)),
+        W.shape[1], k, width, power_iterations=8, generator=seeded_generator(seed), like=W,
+    )

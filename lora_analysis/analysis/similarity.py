@@ -65,6 +65,13 @@ def chance_level(k1: int, k2: int, d: int) -> np.ndarray:
     return np.maximum(i, j) / d
 
 
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator for `seed`, scrambled through numpy's SeedSequence: torch's generators
+    seeded with consecutive small integers give measurably correlated first draws."""
+    state = np.random.SeedSequence(seed).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 def random_basis(d: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """Uniformly random orthonormal (d, k): QR of a Gaussian matrix with sign-fixed R."""
     Q, R = torch.linalg.qr(torch.randn(d, k, generator=generator, dtype=torch.float64))
@@ -73,7 +80,7 @@ def random_basis(d: int, k: int, generator: torch.Generator) -> torch.Tensor:
 
 def random_reference_grid(d: int, k1: int, k2: int, seed: int = 0) -> np.ndarray:
     """φ grid of two independent random subspaces of Rᵈ (paper Fig. 4, third panel): (k1, k2)."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded_generator(seed)
     return subspace_similarity(random_basis(d, k1, generator), random_basis(d, k2, generator))
 
 
