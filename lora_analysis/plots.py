@@ -76,12 +76,12 @@ def draw_phi(ax, panel: PhiPanel, *, annotate_chance: bool = True):
     ax.set_xlabel(panel.xlabel)
     ax.set_ylabel(panel.ylabel)
     if panel.title:
-        ax.set_title(panel.title, fontsize="medium")
+        ax.set_title(panel.title, fontsize="small")
     if annotate_chance and panel.dim:
         top = max(n_i, n_j) / panel.dim
+        text = f"chance ≤ {top:.2g}\n(max(i,j)/d, d={panel.dim})" if top < 0.5 else f"chance = max(i,j)/d\n(d={panel.dim})"
         ax.text(
-            0.98, 0.02, f"chance ≤ {top:.2g}\n(max(i,j)/d, d={panel.dim})",
-            transform=ax.transAxes, ha="right", va="bottom", fontsize="x-small",
+            0.98, 0.02, text, transform=ax.transAxes, ha="right", va="bottom", fontsize="x-small",
             bbox=dict(boxstyle="round,pad=0.25", facecolor="white", alpha=0.8, linewidth=0),
         )
     return image
@@ -89,9 +89,10 @@ def draw_phi(ax, panel: PhiPanel, *, annotate_chance: bool = True):
 
 def phi_figure(panels: Sequence[PhiPanel], *, ncols: int | None = None, suptitle: str | None = None,
                panel_size: float = 2.8) -> Figure:
-    """Heatmaps of φ side by side with one shared 0–1 colour bar (paper Figures 3, 4, 6, 7).
+    """Heatmaps of φ side by side with one shared 0–1 colour bar (paper Figures 3, 4, 6, 7, 8).
 
-    The colour bar marks the largest chance level among the panels, max(i, j)/d.
+    The colour bar marks the largest chance level among the panels, max(i, j)/d, when it is
+    below 0.5 (grids spanning most of R^d reach chance 1 in the corner).
     """
     if not panels:
         raise ValueError("phi_figure needs at least one panel")
@@ -108,7 +109,7 @@ def phi_figure(panels: Sequence[PhiPanel], *, ncols: int | None = None, suptitle
     cbar = fig.colorbar(image, ax=axes[:n].tolist(), shrink=min(1.0, 0.9 if nrows > 1 else 1.0))
     cbar.set_label("φ(i, j)")
     chances = [max(np.shape(p.phi)) / p.dim for p in panels if p.dim]
-    if chances:
+    if chances and max(chances) < 0.5:  # a mark near the top of the bar would say nothing
         level = max(chances)
         cbar.ax.axhline(level, color="white", linewidth=1.5)
         cbar.ax.axhline(level, color="black", linewidth=0.8, linestyle="--")
@@ -157,7 +158,11 @@ def spectra_figure(spectra: Mapping[str, Sequence[Mapping]], *, normalize: bool 
     if norm is not None:
         from matplotlib.cm import ScalarMappable
 
+        from matplotlib.ticker import MaxNLocator
+
         cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[: len(groups)].tolist())
+        cbar.locator = MaxNLocator(integer=True)
+        cbar.update_ticks()
         cbar.set_label("layer")
     fig.suptitle("Singular values of ΔW = s·B·A")
     return fig
@@ -165,12 +170,12 @@ def spectra_figure(spectra: Mapping[str, Sequence[Mapping]], *, normalize: bool 
 
 def layer_heatmap(values: Mapping[tuple[str, str], float], *, rows: Sequence[str], columns: Sequence[str],
                   title: str, label: str, cmap: str = "viridis", log: bool = False,
-                  annotate: bool | None = None, fmt: str = "{:.2g}") -> Figure:
+                  annotate: bool | None = None, fmt: str = "{:.3g}") -> Figure:
     """Heatmap of one metric with projection types as rows and layers as columns.
 
     values: (row, column) -> value; missing cells are grey. `log` uses a log colour scale
-    (amplification factors span orders of magnitude). Cells are annotated when the grid is
-    small enough to read.
+    for values spanning more than a factor 10 (amplification factors can span orders of
+    magnitude). Cells are annotated when the grid is small enough to read.
     """
     grid = np.full((len(rows), len(columns)), np.nan)
     for (row, col), value in values.items():
@@ -181,10 +186,11 @@ def layer_heatmap(values: Mapping[tuple[str, str], float], *, rows: Sequence[str
     fig = Figure(figsize=(max(width, 4.0), max(height, 2.2)), layout="constrained")
     ax = fig.subplots()
     finite = grid[np.isfinite(grid)]
-    if log and finite.size and finite.min() > 0:
+    if log and finite.size and finite.min() > 0 and finite.max() > 10 * finite.min():
         from matplotlib.colors import LogNorm
 
-        norm = LogNorm(finite.min(), max(finite.max(), finite.min() * 1.01))
+        norm = LogNorm(finite.min(), finite.max())
+        label += " (log scale)"
     else:
         norm = Normalize(finite.min() if finite.size else 0.0, finite.max() if finite.size else 1.0)
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=_cmap(cmap), norm=norm, aspect="auto",

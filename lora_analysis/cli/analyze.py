@@ -65,8 +65,13 @@ def register(subparsers) -> None:
                          help="LoRA alpha to assume where the file does not record it (else scale is reported unknown)")
     analyze.add_argument("--weight-k", type=_positive_int, default=64, metavar="K",
                          help="with --base: top-K singular vectors of W for φ against W (default: 64)")
-    analyze.add_argument("--no-intruders", dest="intruders", action="store_false",
-                         help="with --base: skip intruder dimensions (they need W's full SVD; slow for large W the first time)")
+    intruders = analyze.add_mutually_exclusive_group()
+    intruders.add_argument("--intruders", dest="intruders", action="store_const", const=True, default=None,
+                           help="with --base: intruder dimensions for every module (they need W's full SVD: about "
+                                "a minute per 4096×4096 weight the first time, then cached); default: only where "
+                                "min(d_out, d_in) ≤ 1536")
+    intruders.add_argument("--no-intruders", dest="intruders", action="store_const", const=False,
+                           help="with --base: skip intruder dimensions")
     analyze.add_argument("--intruder-k", type=_positive_int, default=10, metavar="K",
                          help="top-K singular vectors of W + ΔW checked for intruders (default: 10)")
     analyze.add_argument("--intruder-epsilon", type=_fraction, default=0.5, metavar="EPS",

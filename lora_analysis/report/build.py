@@ -84,6 +84,7 @@ def analyze_report(
             "intruder_top_k": None if intruders is None else intruders.k,
             "intruder_epsilon": None if intruders is None else intruders.epsilon,
         },
+        "notes": list(analysis.notes),
         "modules": shown,
         "summary": summarize(entries, taus),
         "recommendation": recommendation(entries, taus),

@@ -8,7 +8,7 @@ import base64
 import html
 from typing import Mapping, Sequence
 
-from .grouping import layer_of
+from .grouping import common_prefix, layer_of
 from .tables import Table, analyze_header, analyze_tables
 
 MAX_PHI_PANELS = 12
@@ -68,17 +68,19 @@ def analyze_figures(report: Mapping) -> list[tuple[bytes, str]]:
         if report["base"] is not None:
             cells = {(m["projection"], m["layer"]): m["base"]["amplification"] for m in modules.values() if m["layer"] is not None}
             figures.append((plots.figure_bytes(plots.layer_heatmap(
-                cells, rows=rows, columns=columns, title="Amplification ‖ΔW‖_F / ‖UᵀWV‖_F", label="amplification (log)",
+                cells, rows=rows, columns=columns, title="Amplification ‖ΔW‖_F / ‖UᵀWV‖_F", label="amplification",
                 cmap="magma", log=True)),
                 "Amplification factor per layer and projection type (paper Table 7): how strongly ΔW amplifies "
                 "directions that W does not emphasize."))
     if report["base"] is not None:
         largest = sorted(modules, key=lambda n: modules[n]["frobenius_norm"], reverse=True)[:MAX_PHI_PANELS]
-        panels = [plots.PhiPanel(modules[n]["base"]["phi_weight"]["phi"], title=n, xlabel="j (top-j of ΔW)",
+        prefix = common_prefix(largest)
+        panels = [plots.PhiPanel(modules[n]["base"]["phi_weight"]["phi"], title=n[len(prefix):], xlabel="j (top-j of ΔW)",
                                  ylabel="i (top-i of W)", dim=modules[n]["base"]["phi_weight"]["dim"]) for n in largest]
         panels = [p for p in panels if len(p.phi) and len(p.phi[0])]
         if panels:
-            figures.append((plots.figure_bytes(plots.phi_figure(panels, suptitle="φ between W and ΔW (left singular vectors)")),
+            suptitle = "φ between W and ΔW (left singular vectors)" + (f" — {prefix}*" if prefix else "")
+            figures.append((plots.figure_bytes(plots.phi_figure(panels, suptitle=suptitle)),
                             f"φ(i, j) between the top-i left singular vectors of W and the top-j of ΔW (paper Figure 8), "
                             f"for the {len(panels)} modules with the largest ‖ΔW‖_F."))
     return figures

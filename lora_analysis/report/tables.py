@@ -241,9 +241,7 @@ def analyze_header(report: Mapping) -> list[str]:
                  + f"; LoRA parameters: {fmt(adapter['num_parameters'])}")
     if report["base"] is not None:
         lines.append(f"base weights: {report['base']['path']}")
-    if not adapter["alpha_known"]:
-        lines.append("α not recorded: scale s unknown, norms and singular values computed with s = 1")
-    return lines
+    return lines + [f"note: {note}" for note in report["notes"]]
 
 
 def compare_header(report: Mapping) -> list[str]:
