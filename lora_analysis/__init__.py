@@ -27,6 +27,7 @@ from .lora import (
     trainable_parameters,
     unmerge_lora,
 )
+from .report import analyze_report, compare_report, render_report
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,9 @@ __all__ = [
     "module_spectrum",
     "subspace_similarity",
     "AdapterFormatError",
+    "analyze_report",
+    "compare_report",
+    "render_report",
     "LoraAnalysisError",
     "LoraConfig",
     "LoraLinear",

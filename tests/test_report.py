@@ -14,7 +14,7 @@ import torch
 
 from lora_analysis import Adapter, LoraModule
 from lora_analysis.analysis import analyze_adapter, compare_adapters
-from lora_analysis.report import analyze_report, compare_report, layer_of, load_schema, projection_type, render
+from lora_analysis.report import analyze_report, compare_report, layer_of, load_schema, projection_type, render_report
 from lora_analysis.report.grouping import layer_labels
 from lora_analysis.report.summary import recommendation, summarize
 
@@ -82,7 +82,7 @@ def schema():
 
 def validate(report, schema):
     jsonschema.Draft202012Validator.check_schema(schema)
-    jsonschema.validate(json.loads(render(report, "json")), schema, cls=jsonschema.Draft202012Validator)
+    jsonschema.validate(json.loads(render_report(report, "json")), schema, cls=jsonschema.Draft202012Validator)
 
 
 # ------------------------------------------------------------------------- grouping
@@ -188,7 +188,7 @@ def test_top_lists_largest_modules_but_summaries_cover_all(schema):
     norms = {n: float(np.linalg.norm(s)) for n, s in SIGMAS.items()}
     assert list(report["modules"]) == sorted(norms, key=norms.get, reverse=True)[:2]
     assert report["summary"]["overall"]["modules"] == 4
-    assert "top 2 of 4" in render(report, "text")
+    assert "top 2 of 4" in render_report(report, "text")
 
 
 def test_unknown_alpha_reported_as_unknown(schema):
@@ -199,14 +199,14 @@ def test_unknown_alpha_reported_as_unknown(schema):
     entry = report["modules"]["model.layers.0.self_attn.q_proj"]
     assert entry["alpha"] is None and entry["scale"] is None and report["adapter"]["alpha_known"] is False
     np.testing.assert_allclose(entry["singular_values"], SIGMAS["model.layers.0.self_attn.q_proj"], rtol=1e-5)  # s = 1
-    text = render(report, "text")
+    text = render_report(report, "text")
     assert "unknown" in text and "alpha unknown" in text.lower()
 
 
 def test_text_table_is_aligned_and_markdown_well_formed():
     adapter = make_adapter()
     report = analyze_report(analyze_adapter(adapter, progress=False), adapter)
-    text = render(report, "text")
+    text = render_report(report, "text")
     lines = text.splitlines()
     start = lines.index("Modules") + 2
     header, rule, *rows = lines[start : start + 2 + len(SIGMAS)]
@@ -218,7 +218,7 @@ def test_text_table_is_aligned_and_markdown_well_formed():
     column_end = header.index("‖ΔW‖_F") + len("‖ΔW‖_F")
     assert all(row[column_end - 1] != " " and row[column_end:column_end + 2] == "  " for row in rows)
 
-    markdown = render(report, "markdown")
+    markdown = render_report(report, "markdown")
     tables = [block for block in markdown.split("\n\n") if block.startswith("|")]
     assert len(tables) == 4
     for table in tables:
@@ -249,7 +249,7 @@ class _PageParser(HTMLParser):
 def test_html_is_self_contained_with_tables_and_plots():
     adapter = make_adapter()
     report = analyze_report(analyze_adapter(adapter, progress=False), adapter)
-    page = render(report, "html")
+    page = render_report(report, "html")
     parser = _PageParser()
     parser.feed(page)
     assert parser.tags.count("table") == 4 and parser.tags.count("tr") >= len(SIGMAS) + 1
@@ -263,7 +263,7 @@ def test_render_rejects_unknown_format():
     adapter = make_adapter()
     report = analyze_report(analyze_adapter(adapter, progress=False), adapter)
     with pytest.raises(ValueError, match="unknown report format"):
-        render(report, "yaml")
+        render_report(report, "yaml")
 
 
 # ------------------------------------------------------------------------- compare
@@ -295,9 +295,9 @@ def test_compare_report_full_grid_matches_oracle(schema):
     cosines = torch.linalg.svdvals(V1.T @ V2).clamp(max=1).numpy()
     np.testing.assert_allclose(pair["principal_angles_deg"], np.degrees(np.arccos(cosines)), atol=1e-3)
 
-    text = render(report, "text")
+    text = render_report(report, "text")
     assert re.search(r"^1\.mlp\.down_proj +A only$", text, re.M) and re.search(r"^5\.self_attn\.q_proj +B only$", text, re.M)
-    assert "Modules in one adapter only" in render(report, "markdown")
+    assert "Modules in one adapter only" in render_report(report, "markdown")
 
 
 def test_compare_masks_directions_beyond_numerical_rank(schema):

@@ -105,7 +105,7 @@ def register(subparsers) -> None:
 def run_analyze(args: argparse.Namespace) -> int:
     from ..adapters import load_adapter
     from ..analysis import analyze_adapter
-    from ..report import analyze_report, render
+    from ..report import analyze_report, render_report
 
     adapter = load_adapter(args.adapter, alpha=args.alpha)
     selected = _select(adapter, args.modules, args.adapter)
@@ -127,14 +127,14 @@ def run_analyze(args: argparse.Namespace) -> int:
     )
     if args.format == "html":
         _progress(args, "rendering figures")
-    _emit(render(report, args.format), args)
+    _emit(render_report(report, args.format), args)
     return 0
 
 
 def run_compare(args: argparse.Namespace) -> int:
     from ..adapters import load_adapter
     from ..analysis import compare_adapters
-    from ..report import compare_report, render
+    from ..report import compare_report, render_report
 
     if args.plot:
         from ..plots import figure_format
@@ -151,7 +151,7 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.plot:
         _plot_comparison(report, args.plot)
         _progress(args, f"wrote {args.plot}")
-    _emit(render(report, args.format), args)
+    _emit(render_report(report, args.format), args)
     return 0
 
 
