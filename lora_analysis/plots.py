@@ -140,14 +140,20 @@ def spectra_figure(spectra: Mapping[str, Sequence[Mapping]], *, normalize: bool 
     norm = Normalize(min(layers), max(max(layers), min(layers) + 1)) if layers else None
     cmap = _cmap(SPECTRUM_CMAP)
     for ax, (group, items) in zip(axes, groups):
+        plotted = False
         for item in items:
             values = np.asarray(item["values"], dtype=float)
-            if normalize and values.size and values[0] > 0:
+            if not values.size or values[0] <= 0:
+                continue  # ΔW = 0: nothing to draw (and nothing a log axis could show)
+            if normalize:
                 values = values / values[0]
+            index = np.arange(1, values.size + 1)
+            if logy:  # zeros beyond the rank cannot sit on a log axis
+                index, values = index[values > 0], values[values > 0]
             color = cmap(norm(item["layer"])) if norm is not None and item.get("layer") is not None else "0.3"
-            ax.plot(np.arange(1, values.size + 1), values, marker="o", markersize=2.5, linewidth=1.0,
-                    color=color, label=item.get("label"))
-        if logy:
+            ax.plot(index, values, marker="o", markersize=2.5, linewidth=1.0, color=color, label=item.get("label"))
+            plotted = True
+        if logy and plotted:
             ax.set_yscale("log")
         ax.set_title(group, fontsize="medium")
         ax.set_xlabel("index k")

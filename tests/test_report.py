@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from html.parser import HTMLParser
 
 import jsonschema
@@ -308,3 +309,16 @@ def test_compare_masks_directions_beyond_numerical_rank(schema):
     assert pair["phi"][3] == [None] * 4 and all(row[3] is None for row in pair["phi"])
     assert pair["phi"][2][2] == pytest.approx(1.0) and pair["phi_1_1"] == pytest.approx(1.0)
     assert pair["principal_angles_deg"] == pytest.approx([0.0] * 3, abs=0.1)  # arccos near 1: ~√eps
+
+
+def test_zero_delta_has_rank_zero_and_is_dropped_by_the_recommendation(schema):
+    adapter = Adapter({"h.0.q": LoraModule(torch.randn(2, 8), torch.zeros(8, 2), alpha=2.0)})  # B = 0: untrained
+    report = analyze_report(analyze_adapter(adapter, progress=False), adapter)
+    validate(report, schema)
+    entry = report["modules"]["h.0.q"]
+    assert entry["frobenius_norm"] == 0.0 and entry["numerical_rank"] == 0 and entry["recommended_rank"]["0.9"] == 0
+    assert report["recommendation"][0]["saving_fraction"] == 1.0
+    assert any("ΔW = 0 in 1 module(s)" in note for note in report["notes"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. matplotlib's "cannot be log-scaled"
+        assert "<img" in render_report(report, "html")

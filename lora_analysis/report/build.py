@@ -84,7 +84,7 @@ def analyze_report(
             "intruder_top_k": None if intruders is None else intruders.k,
             "intruder_epsilon": None if intruders is None else intruders.epsilon,
         },
-        "notes": list(analysis.notes),
+        "notes": list(analysis.notes) + _zero_note(entries),
         "modules": shown,
         "summary": summarize(entries, taus),
         "recommendation": recommendation(entries, taus),
@@ -184,6 +184,14 @@ def compare_report(
         "only_in_a": list(comparison.only_in_a),
         "only_in_b": list(comparison.only_in_b),
     }
+
+
+def _zero_note(entries: Mapping[str, Mapping]) -> list[str]:
+    zero = [name for name, e in entries.items() if e["frobenius_norm"] == 0.0]
+    if not zero:
+        return []
+    return [f"ΔW = 0 in {len(zero)} module(s) (e.g. {zero[0]}): B = 0, as after initialization? "
+            "Their ranks are 0 and the recommendation drops them"]
 
 
 def _number(x) -> float | None:
