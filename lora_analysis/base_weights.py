@@ -138,17 +138,30 @@ class BaseWeights:
 
     def _index_files(self, files: list[Path]) -> None:
         for path in files:
-            for key, shape in _stored_shapes(path, self).items():
+            for key, shape in self._stored_shapes(path).items():
                 if key.endswith(".weight") and len(shape) == 2:
                     name = key[: -len(".weight")]
                     self._files[name], self._shapes[name] = path, shape
 
+    def _stored_shapes(self, path: Path) -> dict[str, tuple[int, ...]]:
+        """{tensor key: shape} without reading tensor data."""
+        if path.suffix != ".safetensors":
+            return {key: tuple(t.shape) for key, t in self._bin(path).items() if isinstance(t, torch.Tensor)}
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        except Exception as e:  # noqa: BLE001 — safetensors raises several types for bad files
+            raise LoraAnalysisError(f"{path}: cannot read safetensors header ({e})") from None
+
     def _bin(self, path: Path) -> dict[str, torch.Tensor]:
         if path not in self._bin_cache:
             try:  # mmap: tensors are paged in when read, not all at load time
-                self._bin_cache[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 — any unpickling failure is a bad file
                 raise LoraAnalysisError(f"{path}: cannot load as a weights-only PyTorch checkpoint ({type(e).__name__}: {e})") from None
+            if not isinstance(state, dict):
+                raise LoraAnalysisError(f"{path}: not a state dict (got {type(state).__name__})")
+            self._bin_cache[path] = state
         return self._bin_cache[path]
 
 
@@ -178,13 +191,3 @@ def _weight_files(path: Path) -> list[Path]:
             return files
     raise LoraAnalysisError(f"{path}: no model weights (*.safetensors, pytorch_model.bin) in this directory")
 
-
-def _stored_shapes(path: Path, owner: BaseWeights) -> dict[str, tuple[int, ...]]:
-    """{tensor key: shape} without reading tensor data."""
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-        except Exception as e:  # noqa: BLE001 — safetensors raises several types for bad files
-            raise LoraAnalysisError(f"{path}: cannot read safetensors header ({e})") from None
-    return {key: tuple(t.shape) for key, t in owner._bin(path).items() if isinstance(t, torch.Tensor)}
