@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import replace
 
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraAnalysisError, ModuleResolutionError
-from ..lora.inject import mark_trainable, named_lora_layers, replace_module, unwrapped_parameter_name
+from ..lora.inject import extra_parameters, mark_trainable, replace_module, unwrapped_parameter_name
 from ..lora.layer import LoraLinear, is_adaptable, linear_shape
 from ..naming import resolve_module_name
 from .adapter import Adapter
@@ -36,7 +35,10 @@ def apply_adapter(model: nn.Module, adapter: Adapter, strict: bool = True) -> nn
     targets = _resolve(list(adapter.modules), module_names, "model", strict, skipped)
     params = _resolve(list(adapter.extra_tensors), list(parameters), "model's parameters", strict, skipped)
     if skipped:
-        warnings.warn(f"apply_adapter skipped {len(skipped)} name(s) that match nothing in the model: {skipped}", stacklevel=2)
+        message = f"apply_adapter skipped {len(skipped)} name(s) matching nothing in the model: {skipped}"
+        warnings.warn(message, stacklevel=2)
+    if len(set(targets.values())) < len(targets):
+        raise LoraAnalysisError(f"several adapter modules name the same model module: {sorted(targets)}")
     for name, target in targets.items():
         _check_target(model.get_submodule(target), name, target, adapter[name].d_out, adapter[name].d_in)
     for name, target in params.items():
@@ -46,12 +48,14 @@ def apply_adapter(model: nn.Module, adapter: Adapter, strict: bool = True) -> nn
                 f"the model's {target!r} has {tuple(parameters[target].shape)}"
             )
 
+    config = replace(adapter.config, target_modules=list(targets.values()))
+    extra_parameters(model, config)  # raises now, not half-way, if modules_to_save or bias do not fit
+
     with torch.no_grad():
         for name, target in targets.items():
             module = adapter[name]
-            alpha = module.alpha if module.alpha_known else (math.sqrt(module.r) if module.use_rslora else module.r)
             layer = LoraLinear(
-                model.get_submodule(target), r=module.r, alpha=alpha,
+                model.get_submodule(target), r=module.r, alpha=module.effective_alpha,
                 dropout=adapter.config.lora_dropout, use_rslora=module.use_rslora,
             )
             layer.lora_A.copy_(module.A)
@@ -59,8 +63,8 @@ def apply_adapter(model: nn.Module, adapter: Adapter, strict: bool = True) -> nn
             replace_module(model, target, layer)
         for name, target in params.items():
             parameters[target].copy_(adapter.extra_tensors[name])
-    model.lora_config = replace(adapter.config, target_modules=[n for n, _ in named_lora_layers(model)])
-    mark_trainable(model, model.lora_config)
+    model.lora_config = config
+    mark_trainable(model, config)
     return model
 
 
@@ -80,7 +84,8 @@ def _check_target(module: nn.Module, name: str, target: str, d_out: int, d_in: i
     if isinstance(module, LoraLinear):
         raise LoraAnalysisError(f"module {target!r} already has a LoRA layer (remove_lora first)")
     if not is_adaptable(module):
-        raise LoraAnalysisError(f"adapter module {name!r} is {target!r} in the model, a {type(module).__name__}, not Linear/Conv1D")
+        kind = type(module).__name__
+        raise LoraAnalysisError(f"adapter module {name!r} is {target!r} in the model, a {kind}, not Linear/Conv1D")
     if linear_shape(module) != (d_out, d_in):
         raise LoraAnalysisError(
             f"shape mismatch at {target!r}: the adapter's ΔW is (d_out, d_in) = {(d_out, d_in)}, "

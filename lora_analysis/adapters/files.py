@@ -135,7 +135,8 @@ def _modules(split: Factors, config: LoraConfig | None, alpha: float | None, pat
     for name, (A, B) in split.factors.items():
         r = A.shape[0]
         if config is not None and config.rank_for(name) != r:
-            raise AdapterFormatError(path, f"config gives module {name!r} rank {config.rank_for(name)}, its factors have rank {r}")
+            problem = f"config gives module {name!r} rank {config.rank_for(name)}, its factors have rank {r}"
+            raise AdapterFormatError(path, problem)
         if split.layout == "kohya":
             module_alpha = split.alphas.get(name, float(r))
         else:
@@ -162,9 +163,11 @@ def _config_describing(modules: dict[str, LoraModule]) -> LoraConfig:
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of a safetensors or torch file, and the safetensors header metadata."""
     with open(path, "rb") as f:
-        magic = f.read(2)
-    # torch.save writes a zip archive ("PK"), or a bare pickle (protocol opcode 0x80) in old files.
-    if magic == b"PK" or magic[:1] == b"\x80":
+        head = f.read(9)
+    # torch.save writes a zip archive ("PK"), or a bare pickle (opcode 0x80) in old files; a
+    # safetensors header length may start with those bytes too, but its JSON starts at byte 8.
+    torch_magic = head[:2] == b"PK" or head[:1] == b"\x80"
+    if torch_magic and path.suffix != ".safetensors" and head[8:9] != b"{":
         return _read_torch_file(path), {}
     return _read_safetensors(path)
 
@@ -180,7 +183,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         if header_len > MAX_HEADER_BYTES:
             raise AdapterFormatError(path, f"corrupt safetensors header: length {header_len} bytes is implausible")
         if header_len > size - 8:
-            raise AdapterFormatError(path, f"truncated: the header needs {header_len} bytes, the file has {size - 8} after its length")
+            problem = f"truncated: the header needs {header_len} bytes, the file has {size - 8} after its length"
+            raise AdapterFormatError(path, problem)
         raw = f.read(header_len)
     header = _parse_json(raw, path, "safetensors header")
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
@@ -191,7 +195,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     except (TypeError, KeyError, IndexError, ValueError):
         raise AdapterFormatError(path, "corrupt safetensors header: a tensor entry lacks valid data_offsets") from None
     if 8 + header_len + data_end > size:
-        raise AdapterFormatError(path, f"truncated: tensor data needs {8 + header_len + data_end} bytes, the file has {size}")
+        problem = f"truncated: tensor data needs {8 + header_len + data_end} bytes, the file has {size}"
+        raise AdapterFormatError(path, problem)
     try:
         with safe_open(path, framework="pt") as f:
             return {key: f.get_tensor(key) for key in f.keys()}, dict(metadata)
@@ -205,13 +210,23 @@ def _read_torch_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AdapterFormatError(path, f"refused pickle: torch.load(weights_only=True) rejects it ({reason[:200]})") from None
+        problem = f"refused pickle: torch.load(weights_only=True) rejects it ({_unpickler_reason(err)})"
+        raise AdapterFormatError(path, problem) from None
     except Exception as err:  # torch raises RuntimeError/EOFError/... for broken archives
-        raise AdapterFormatError(path, f"truncated or corrupt torch file ({type(err).__name__}: {str(err)[:200]})") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        problem = f"truncated or corrupt torch file ({type(err).__name__}: {str(err).split('. ')[0]})"
+        raise AdapterFormatError(path, problem) from None
+    flat = isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    if not flat:
         raise AdapterFormatError(path, f"expected a flat dict of named tensors, got {type(state).__name__}")
     return state
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """The one useful line of torch's long weights_only error ("Unsupported global: GLOBAL io.open ...")."""
+    for line in str(err).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(" was not")[0].strip()
+    return type(err).__name__
 
 
 def _parse_json(text: str | bytes, path: str | os.PathLike, what: str) -> Any:

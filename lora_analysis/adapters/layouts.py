@@ -37,7 +37,9 @@ class Factors:
     extra: dict[str, torch.Tensor]
 
 
-def peft_state_dict(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def peft_state_dict(
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]], extra: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """PEFT's keys for factors {module: (A, B)} and extra tensors {param name: tensor}."""
     a_suffix, b_suffix = FACTOR_SUFFIXES["peft"]
     state = {}
@@ -128,12 +130,13 @@ def _matricize(factor: torch.Tensor) -> torch.Tensor:
 
 def _check_factors(name: str, A: torch.Tensor, B: torch.Tensor, path: str | os.PathLike) -> None:
     for part, factor in (("lora_A", A), ("lora_B", B)):
+        what = f"{part} of module {name!r}"
         if factor.ndim != 2:
-            raise AdapterFormatError(path, f"{part} of module {name!r} is {factor.ndim}-D {tuple(factor.shape)}, expected 2-D")
+            raise AdapterFormatError(path, f"{what} is {factor.ndim}-D {tuple(factor.shape)}, expected 2-D")
         if factor.numel() == 0:
-            raise AdapterFormatError(path, f"{part} of module {name!r} is empty {tuple(factor.shape)}")
+            raise AdapterFormatError(path, f"{what} is empty {tuple(factor.shape)}")
         if not factor.is_floating_point():
-            raise AdapterFormatError(path, f"{part} of module {name!r} has dtype {factor.dtype}, expected floating point")
+            raise AdapterFormatError(path, f"{what} has dtype {factor.dtype}, expected floating point")
         _check_finite(f"{name}.{part}", factor, path)
     if A.shape[0] != B.shape[1]:
         raise AdapterFormatError(

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from ..config import LoraConfig, pattern_value
 from ..errors import AdapterFormatError, LoraAnalysisError
-from .adapter import Adapter, LoraModule
+from .adapter import Adapter
 
 V = TypeVar("V")
 
@@ -38,7 +38,9 @@ def peft_config_dict(adapter: Adapter) -> dict[str, Any]:
         raise LoraAnalysisError("cannot save: rsLoRA is on for some modules only, PEFT's use_rslora is global")
     config = adapter.config
     r, rank_pattern = default_and_pattern(config.r, config.rank_pattern, adapter.ranks)
-    alphas = {name: stored_alpha(m) for name, m in adapter.items()}
+    # An unknown α is written as the one giving s = 1 and listed in the header, so that PEFT
+    # uses the scale we report and reading it back says "unknown" again.
+    alphas = {name: m.effective_alpha for name, m in adapter.items()}
     alpha, alpha_pattern = default_and_pattern(config.lora_alpha, config.alpha_pattern, alphas)
     init = config.init_lora_weights
     return {
@@ -58,14 +60,6 @@ def peft_config_dict(adapter: Adapter) -> dict[str, Any]:
         "modules_to_save": config.modules_to_save,
         "inference_mode": True,
     }
-
-
-def stored_alpha(module: LoraModule) -> float:
-    """α as written to a config; an unknown α is written as the one giving s = 1 (what the
-    Adapter uses), and listed separately so that reading it back says "unknown" again."""
-    if module.alpha is not None:
-        return module.alpha
-    return math.sqrt(module.r) if module.use_rslora else float(module.r)
 
 
 def default_and_pattern(default: V | None, pattern: dict[str, V], values: dict[str, V]) -> tuple[V, dict[str, V]]:
