@@ -22,6 +22,8 @@ from lora_analysis.cli import main
 from lora_analysis.lora import lora_layers
 from lora_analysis.report import load_schema
 
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft
+
 ROOT = Path(__file__).resolve().parents[1]
 BERT_QUERY = "bert.encoder.layer.0.attention.self.query"
 

@@ -35,7 +35,7 @@ def fmt(value, digits: int = 4) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, int):
-        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+        return f"{value:,}" if abs(value) >= 1000 else str(value)
     return f"{value:.{digits}g}"
 
 
