@@ -120,6 +120,28 @@ def phi_figure(panels: Sequence[PhiPanel], *, ncols: int | None = None, suptitle
     return fig
 
 
+def compare_figure(report: Mapping, *, reference: bool = True) -> Figure:
+    """φ heatmap of every module pair of a `compare` report (dict or parsed JSON), paper
+    Figures 3/4; `reference` adds a panel of two random subspaces of the first pair's sizes
+    (Figure 4, third panel). Titles drop the module paths' common prefix (in the suptitle)."""
+    from .analysis import random_reference_grid
+    from .report.grouping import common_prefix
+
+    pairs = report["pairs"]
+    prefix = common_prefix(list(pairs))
+    panels = [
+        PhiPanel(np.array(pair["phi"], dtype=float), title=name[len(prefix):], dim=pair["dim"],
+                 xlabel=f"j (adapter B, r={pair['r_b']})", ylabel=f"i (adapter A, r={pair['r_a']})")
+        for name, pair in pairs.items()
+    ]
+    if reference and panels:
+        (n_i, n_j), dim = panels[0].phi.shape, panels[0].dim
+        panels.append(PhiPanel(random_reference_grid(dim, n_i, n_j), title=f"random subspaces (d={dim})",
+                               xlabel=f"j (random, {n_j} dims)", ylabel=f"i (random, {n_i} dims)", dim=dim))
+    suptitle = f"Subspace similarity φ(i, j), basis {report['basis']}" + (f" — {prefix}*" if prefix else "")
+    return phi_figure(panels, suptitle=suptitle)
+
+
 def spectra_figure(spectra: Mapping[str, Sequence[Mapping]], *, normalize: bool = True,
                    logy: bool = True, panel_size: float = 3.2) -> Figure:
     """Singular values of ΔW, one panel per group (projection type), one line per module.

@@ -133,7 +133,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     from ..adapters import load_adapter
-    from ..analysis import compare_adapters
+    from ..analysis import adapter_spectra, compare_adapters
     from ..report import compare_report, render_report
 
     if args.plot:
@@ -142,31 +142,20 @@ def run_compare(args: argparse.Namespace) -> int:
         figure_format(args.plot)  # a bad extension fails before the work
     adapter_a = _select(load_adapter(args.adapter_a), args.modules, args.adapter_a)
     adapter_b = _select(load_adapter(args.adapter_b), args.modules, args.adapter_b)
-    comparison = compare_adapters(adapter_a, adapter_b, basis=args.basis, top_k=args.top_k, progress=not args.quiet)
+    spectra_a, spectra_b = (adapter_spectra(x, progress=not args.quiet, device=args.device) for x in (adapter_a, adapter_b))
+    comparison = compare_adapters(spectra_a, spectra_b, basis=args.basis, top_k=args.top_k)
     report = compare_report(comparison, adapter_a, adapter_b, top_k=args.top_k, path_a=args.adapter_a,
                             path_b=args.adapter_b, patterns=args.modules)
     if not report["pairs"]:
         raise LoraAnalysisError(f"{args.adapter_a} and {args.adapter_b}: no module in common "
                                 f"(A has e.g. {_examples(report['only_in_a'])}; B has e.g. {_examples(report['only_in_b'])})")
     if args.plot:
-        _plot_comparison(report, args.plot)
+        from ..plots import compare_figure, save_figure
+
+        save_figure(compare_figure(report), args.plot)
         _progress(args, f"wrote {args.plot}")
     _emit(render_report(report, args.format), args)
     return 0
-
-
-def _plot_comparison(report: dict, path: str) -> None:
-    from ..plots import PhiPanel, phi_figure, save_figure
-    from ..report.grouping import common_prefix
-
-    prefix = common_prefix(list(report["pairs"]))
-    panels = [
-        PhiPanel(pair["phi"], title=name[len(prefix):], xlabel=f"j (B, r={pair['r_b']})",
-                 ylabel=f"i (A, r={pair['r_a']})", dim=pair["dim"])
-        for name, pair in report["pairs"].items()
-    ]
-    suptitle = f"Subspace similarity φ(i, j), basis {report['basis']}" + (f" — {prefix}*" if prefix else "")
-    save_figure(phi_figure(panels, suptitle=suptitle), path)
 
 
 def _select(adapter, patterns: list[str] | None, path: str):
