@@ -359,3 +359,13 @@ def test_text_analyze_imports_neither_matplotlib_nor_transformers(ours):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_unwritable_output_is_a_usage_error(ours, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    assert main(["analyze", str(ours), "-o", str(tmp_path / "taken"), "--quiet"]) == 2
+    assert f"{tmp_path / 'taken'}: cannot write" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    plot = tmp_path / "file" / "phi.png"  # parent is a regular file
+    assert main(["compare", str(ours), str(ours), "--plot", str(plot), "--quiet"]) == 2
+    assert f"{plot}: cannot write" in capsys.readouterr().err

@@ -8,6 +8,7 @@ needs them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import os
 import sys
@@ -152,7 +153,8 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.plot:
         from ..plots import compare_figure, save_figure
 
-        save_figure(compare_figure(report), args.plot)
+        with _writing(args.plot):
+            save_figure(compare_figure(report), args.plot)
         _progress(args, f"wrote {args.plot}")
     _emit(render_report(report, args.format), args)
     return 0
@@ -174,7 +176,8 @@ def _emit(text: str, args: argparse.Namespace) -> None:
     if args.output:
         from ..fileio import atomic_write_text
 
-        atomic_write_text(args.output, text)
+        with _writing(args.output):
+            atomic_write_text(args.output, text)
         _progress(args, f"wrote {args.output}")
         return
     try:  # UTF-8 whatever the locale: reports contain σ, α, ‖ΔW‖
@@ -183,6 +186,15 @@ def _emit(text: str, args: argparse.Namespace) -> None:
         sys.stdout.buffer.flush()
     except BrokenPipeError:  # `| head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+@contextlib.contextmanager
+def _writing(path: str):
+    """An unwritable output path is bad input (exit 2), not a crash."""
+    try:
+        yield
+    except OSError as err:
+        raise LoraAnalysisError(f"{path}: cannot write ({err.strerror or err})") from None
 
 
 def _progress(args: argparse.Namespace, message: str) -> None:
