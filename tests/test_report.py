@@ -322,3 +322,12 @@ def test_zero_delta_has_rank_zero_and_is_dropped_by_the_recommendation(schema):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. matplotlib's "cannot be log-scaled"
         assert "<img" in render_report(report, "html")
+
+
+def test_modules_and_groups_in_model_order():
+    names = ["model.layers.10.self_attn.v_proj", "model.layers.2.mlp.down_proj", "model.layers.2.self_attn.q_proj"]
+    adapter = Adapter({n: module_with_spectrum(*SHAPES[n.rsplit(".", 1)[1]], [2.0, 1.0], 2.0, i) for i, n in enumerate(names)})
+    report = analyze_report(analyze_adapter(adapter, progress=False), adapter)
+    assert list(report["modules"]) == [names[2], names[1], names[0]]  # layer 2 before 10; q before mlp
+    assert [g["group"] for g in report["summary"]["by_projection"]] == ["q", "v", "mlp.down"]
+    assert [g["group"] for g in report["summary"]["by_layer"]] == ["2", "10"]

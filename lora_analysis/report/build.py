@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
-from .grouping import layer_labels, projection_type
+from .grouping import layer_labels, model_order, projection_type
 from .summary import recommendation, summarize, tau_key
 
 if TYPE_CHECKING:
@@ -49,7 +49,8 @@ def analyze_report(
     patterns: Sequence[str] | None = None,
     top: int | None = None,
 ) -> dict:
-    """The `analyze` report of `adapter` (its selected modules) from `analysis`.
+    """The `analyze` report of `adapter` (its selected modules) from `analysis`, modules in
+    model order (`grouping.model_order`).
 
     num_modules: modules in the adapter file before selection (default: len(adapter)).
     base_names: adapter module → its weight's name in the base checkpoint.
@@ -59,8 +60,8 @@ def analyze_report(
     layers = layer_labels(list(analysis.modules))
     base_names = base_names or {}
     entries = {
-        name: module_entry(name, adapter[name], result, taus, layers[name], base_names.get(name, name))
-        for name, result in analysis.modules.items()
+        name: module_entry(name, adapter[name], analysis.modules[name], taus, layers[name], base_names.get(name, name))
+        for name in sorted(analysis.modules, key=model_order)
     }
     shown = entries
     if top is not None:
