@@ -128,7 +128,7 @@ def test_layers_from_paths():
 
 def test_analyze_report_matches_float64_oracle(schema):
     adapter = make_adapter()
-    report = analyze_report(analyze_adapter(adapter, progress=False), adapter, path="mem.safetensors")
+    report = analyze_report(analyze_adapter(adapter, progress=False), adapter)
     validate(report, schema)
     assert report["schema_version"] == "1.0" and report["kind"] == "analyze"
     assert list(report["modules"]) == list(SIGMAS)  # keyed by the adapter's module paths, in order
@@ -276,7 +276,7 @@ def test_compare_report_full_grid_matches_oracle(schema):
                  for i, n in enumerate(list(SIGMAS)[:3])}
     b_modules["model.layers.5.self_attn.q_proj"] = module_with_spectrum(24, 24, [1.0], 1.0, 7)
     b = Adapter(b_modules, source="b.safetensors", source_format="ours")
-    report = compare_report(compare_adapters(a, b, basis="A"), a, b, path_a="a", path_b="b")
+    report = compare_report(compare_adapters(a, b, basis="A"), a, b)
     validate(report, schema)
     assert report["only_in_a"] == ["model.layers.1.mlp.down_proj"]
     assert report["only_in_b"] == ["model.layers.5.self_attn.q_proj"]

@@ -123,8 +123,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         device=args.device,
     )
     report = analyze_report(
-        analysis, selected, num_modules=len(adapter), path=args.adapter, base_path=args.base,
-        base_names=base_names, patterns=args.modules, top=args.top,
+        analysis, selected, num_modules=len(adapter), base_names=base_names, patterns=args.modules, top=args.top,
     )
     if args.format == "html":
         _progress(args, "rendering figures")
@@ -145,8 +144,7 @@ def run_compare(args: argparse.Namespace) -> int:
     adapter_b = _select(load_adapter(args.adapter_b), args.modules, args.adapter_b)
     spectra_a, spectra_b = (adapter_spectra(x, progress=not args.quiet, device=args.device) for x in (adapter_a, adapter_b))
     comparison = compare_adapters(spectra_a, spectra_b, basis=args.basis, top_k=args.top_k)
-    report = compare_report(comparison, adapter_a, adapter_b, top_k=args.top_k, path_a=args.adapter_a,
-                            path_b=args.adapter_b, patterns=args.modules)
+    report = compare_report(comparison, adapter_a, adapter_b, top_k=args.top_k, patterns=args.modules)
     if not report["pairs"]:
         raise LoraAnalysisError(f"{args.adapter_a} and {args.adapter_b}: no module in common "
                                 f"(A has e.g. {_examples(report['only_in_a'])}; B has e.g. {_examples(report['only_in_b'])})")

@@ -27,10 +27,10 @@ def generator() -> str:
     return f"lora-analysis {__version__}"
 
 
-def adapter_info(adapter: "Adapter", path: str | None = None) -> dict:
-    """`schema.json#/$defs/adapter_info` of an adapter."""
+def adapter_info(adapter: "Adapter") -> dict:
+    """`schema.json#/$defs/adapter_info` of an adapter (path: where it was loaded from)."""
     return {
-        "path": path or adapter.source or "",
+        "path": adapter.source or "",
         "format": adapter.source_format,
         "base_model_name_or_path": adapter.config.base_model_name_or_path,
         "num_modules": len(adapter),
@@ -43,8 +43,6 @@ def analyze_report(
     adapter: "Adapter",
     *,
     num_modules: int | None = None,
-    path: str | None = None,
-    base_path: str | None = None,
     base_names: Mapping[str, str] | None = None,
     patterns: Sequence[str] | None = None,
     top: int | None = None,
@@ -68,7 +66,7 @@ def analyze_report(
         ranked = sorted(entries, key=lambda n: entries[n]["frobenius_norm"], reverse=True)[:top]
         shown = {name: entries[name] for name in ranked}
     intruders = next((r.intruders for r in analysis.modules.values() if r.intruders is not None), None)
-    info = adapter_info(adapter, path)
+    info = adapter_info(adapter)
     info["num_modules"] = len(adapter) if num_modules is None else num_modules
     info["num_analyzed"] = len(entries)
     info["num_parameters"] = sum(e["parameters"] for e in entries.values())
@@ -77,7 +75,7 @@ def analyze_report(
         "kind": "analyze",
         "generator": generator(),
         "adapter": info,
-        "base": None if base_path is None else {"path": base_path},
+        "base": None if analysis.base_source is None else {"path": analysis.base_source},
         "settings": {
             "energy_thresholds": taus,
             "modules": list(patterns) if patterns else None,
@@ -154,8 +152,6 @@ def compare_report(
     adapter_b: "Adapter",
     *,
     top_k: int | None = None,
-    path_a: str | None = None,
-    path_b: str | None = None,
     patterns: Sequence[str] | None = None,
 ) -> dict:
     """The `compare` report: per module pair the full φ grid, summary numbers, chance level."""
@@ -179,7 +175,7 @@ def compare_report(
         "kind": "compare",
         "generator": generator(),
         "basis": comparison.basis,
-        "adapters": {"a": adapter_info(adapter_a, path_a), "b": adapter_info(adapter_b, path_b)},
+        "adapters": {"a": adapter_info(adapter_a), "b": adapter_info(adapter_b)},
         "settings": {"top_k": top_k, "modules": list(patterns) if patterns else None},
         "pairs": pairs,
         "only_in_a": list(comparison.only_in_a),
