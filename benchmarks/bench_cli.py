@@ -10,13 +10,14 @@ fp16, ~320 MB; generated there once). Two fresh processes, alternated `--repeat`
 - cli: `python -m lora_analysis analyze ADAPTER --format json -o report.json --quiet`, the
   full report (every metric and all singular values of every module).
 
-Reports the best and median wall time of each and the ratio of the bests.
+Reports best and median wall time and CPU time (user + system) of each, and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -43,11 +44,19 @@ with safe_open(sys.argv[1], framework="pt", device="cpu") as f:
 """
 
 
-def wall(command: list[str]) -> float:
+def measure(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user + system) of one run of `command` in a fresh process.
+
+    CPU time is the steadier number on a shared machine: other processes stretch the wall
+    time, not (much) the CPU time the command itself needs.
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -59,7 +68,8 @@ def main() -> None:
     if not adapter.exists():
         print(f"generating {adapter}", file=sys.stderr)
         generate(adapter, 0)
-    times: dict[str, list[float]] = {"floor": [], "cli": []}
+    walls: dict[str, list[float]] = {"floor": [], "cli": []}
+    cpus: dict[str, list[float]] = {"floor": [], "cli": []}
     with tempfile.TemporaryDirectory() as tmp:
         commands = {
             "floor": [sys.executable, "-c", FLOOR, str(adapter)],
@@ -68,12 +78,16 @@ def main() -> None:
         }
         for _ in range(args.repeat):
             for name, command in commands.items():
-                times[name].append(wall(command))
+                wall, cpu = measure(command)
+                walls[name].append(wall)
+                cpus[name].append(cpu)
     print(f"adapter {adapter.name}, {adapter.stat().st_size / 2**20:.0f} MiB; OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; load average {os.getloadavg()[0]:.2f}")
-    for name, values in times.items():
-        print(f"{name:6s} best {min(values):6.2f} s   median {statistics.median(values):6.2f} s   ({args.repeat} runs)")
-    print(f"cli / floor (best): {min(times['cli']) / min(times['floor']):.2f}x")
+    for name in walls:
+        print(f"{name:6s} wall best {min(walls[name]):6.2f} s  median {statistics.median(walls[name]):6.2f} s   "
+              f"CPU best {min(cpus[name]):6.2f} s  median {statistics.median(cpus[name]):6.2f} s   ({args.repeat} runs)")
+    print(f"cli / floor: wall (best) {min(walls['cli']) / min(walls['floor']):.2f}x, "
+          f"CPU (median) {statistics.median(cpus['cli']) / statistics.median(cpus['floor']):.2f}x")
 
 
 if __name__ == "__main__":
