@@ -16,7 +16,7 @@ import warnings
 
 from ..errors import LoraAnalysisError
 
-SUBCOMMANDS: list[str] = ["train", "analyze"]  # modules under lora_analysis.cli; each registers its subcommands
+SUBCOMMANDS: list[str] = ["train", "analyze", "reproduce"]  # modules under lora_analysis.cli; each registers its subcommands
 
 
 def build_parser() -> argparse.ArgumentParser:
