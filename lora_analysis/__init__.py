@@ -27,6 +27,7 @@ from .lora import (
     trainable_parameters,
     unmerge_lora,
 )
+from .report import analyze_report, compare_report, render_report
 from .training import SweepResult, TrainConfig, TrainResult, run_sweep, train
 
 __version__ = "0.1.0"
@@ -46,15 +47,18 @@ __all__ = [
     "TrainResult",
     "adapter_spectra",
     "analyze_adapter",
+    "analyze_report",
     "apply_adapter",
     "compare_adapters",
     "compare_layers",
+    "compare_report",
     "extract_adapter",
     "inject_lora",
     "load_adapter",
     "merge_lora",
     "module_spectrum",
     "remove_lora",
+    "render_report",
     "run_sweep",
     "save_adapter",
     "subspace_similarity",

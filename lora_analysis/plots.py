@@ -120,6 +120,28 @@ def phi_figure(panels: Sequence[PhiPanel], *, ncols: int | None = None, suptitle
     return fig
 
 
+def compare_figure(report: Mapping, *, reference: bool = True) -> Figure:
+    """φ heatmap of every module pair of a `compare` report (dict or parsed JSON), paper
+    Figures 3/4; `reference` adds a panel of two random subspaces of the first pair's sizes
+    (Figure 4, third panel). Titles drop the module paths' common prefix (in the suptitle)."""
+    from .analysis import random_reference_grid
+    from .report.grouping import common_prefix
+
+    pairs = report["pairs"]
+    prefix = common_prefix(list(pairs))
+    panels = [
+        PhiPanel(np.array(pair["phi"], dtype=float), title=name[len(prefix):], dim=pair["dim"],
+                 xlabel=f"j (adapter B, r={pair['r_b']})", ylabel=f"i (adapter A, r={pair['r_a']})")
+        for name, pair in pairs.items()
+    ]
+    if reference and panels:
+        (n_i, n_j), dim = panels[0].phi.shape, panels[0].dim
+        panels.append(PhiPanel(random_reference_grid(dim, n_i, n_j), title=f"random subspaces (d={dim})",
+                               xlabel=f"j (random, {n_j} dims)", ylabel=f"i (random, {n_i} dims)", dim=dim))
+    suptitle = f"Subspace similarity φ(i, j), basis {report['basis']}" + (f" — {prefix}*" if prefix else "")
+    return phi_figure(panels, suptitle=suptitle)
+
+
 def spectra_figure(spectra: Mapping[str, Sequence[Mapping]], *, normalize: bool = True,
                    logy: bool = True, panel_size: float = 3.2) -> Figure:
     """Singular values of ΔW, one panel per group (projection type), one line per module.
@@ -140,14 +162,20 @@ def spectra_figure(spectra: Mapping[str, Sequence[Mapping]], *, normalize: bool 
     norm = Normalize(min(layers), max(max(layers), min(layers) + 1)) if layers else None
     cmap = _cmap(SPECTRUM_CMAP)
     for ax, (group, items) in zip(axes, groups):
+        plotted = False
         for item in items:
             values = np.asarray(item["values"], dtype=float)
-            if normalize and values.size and values[0] > 0:
+            if not values.size or values[0] <= 0:
+                continue  # ΔW = 0: nothing to draw (and nothing a log axis could show)
+            if normalize:
                 values = values / values[0]
+            index = np.arange(1, values.size + 1)
+            if logy:  # zeros beyond the rank cannot sit on a log axis
+                index, values = index[values > 0], values[values > 0]
             color = cmap(norm(item["layer"])) if norm is not None and item.get("layer") is not None else "0.3"
-            ax.plot(np.arange(1, values.size + 1), values, marker="o", markersize=2.5, linewidth=1.0,
-                    color=color, label=item.get("label"))
-        if logy:
+            ax.plot(index, values, marker="o", markersize=2.5, linewidth=1.0, color=color, label=item.get("label"))
+            plotted = True
+        if logy and plotted:
             ax.set_yscale("log")
         ax.set_title(group, fontsize="medium")
         ax.set_xlabel("index k")

@@ -107,3 +107,19 @@ def test_png_bytes_are_reproducible():
         return plots.figure_bytes(plots.phi_figure([plots.PhiPanel(np.full((2, 2), 0.5), dim=8)]))
 
     assert render() == render()
+
+
+def test_compare_figure_replots_a_json_report():
+    phi = [[1.0, 1.0, 1.0], [0.5, 0.75, None]]
+    pair = {"phi": phi, "dim": 16, "r_a": 2, "r_b": 3}
+    report = {"basis": "dW-left", "pairs": {"model.layers.0.q_proj": pair, "model.layers.1.q_proj": pair}}
+    fig = plots.compare_figure(report)
+    panels = [ax for ax in fig.axes if ax.get_images() and ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["0.q_proj", "1.q_proj", "random subspaces (d=16)"]
+    assert fig.get_suptitle() == "Subspace similarity φ(i, j), basis dW-left — model.layers.*"
+    assert panels[0].get_ylabel() == "i (adapter A, r=2)" and panels[0].get_xlabel() == "j (adapter B, r=3)"
+    grid = panels[0].get_images()[0].get_array()
+    assert grid.mask.tolist() == [[False] * 3, [False, False, True]] and grid[1, 1] == 0.75
+    random = panels[2].get_images()[0].get_array()
+    assert random.shape == (2, 3) and 0.0 <= random.min() and random.max() < 0.9
+    assert len(plots.compare_figure(report, reference=False).axes) == 3  # 2 panels + colour bar

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from html.parser import HTMLParser
 
 import jsonschema
@@ -14,7 +15,7 @@ import torch
 
 from lora_analysis import Adapter, LoraModule
 from lora_analysis.analysis import analyze_adapter, compare_adapters
-from lora_analysis.report import analyze_report, compare_report, layer_of, load_schema, projection_type, render
+from lora_analysis.report import analyze_report, compare_report, layer_of, load_schema, projection_type, render_report
 from lora_analysis.report.grouping import layer_labels
 from lora_analysis.report.summary import recommendation, summarize
 
@@ -82,7 +83,7 @@ def schema():
 
 def validate(report, schema):
     jsonschema.Draft202012Validator.check_schema(schema)
-    jsonschema.validate(json.loads(render(report, "json")), schema, cls=jsonschema.Draft202012Validator)
+    jsonschema.validate(json.loads(render_report(report, "json")), schema, cls=jsonschema.Draft202012Validator)
 
 
 # ------------------------------------------------------------------------- grouping
@@ -127,7 +128,7 @@ def test_layers_from_paths():
 
 def test_analyze_report_matches_float64_oracle(schema):
     adapter = make_adapter()
-    report = analyze_report(analyze_adapter(adapter, progress=False), adapter, path="mem.safetensors")
+    report = analyze_report(analyze_adapter(adapter, progress=False), adapter)
     validate(report, schema)
     assert report["schema_version"] == "1.0" and report["kind"] == "analyze"
     assert list(report["modules"]) == list(SIGMAS)  # keyed by the adapter's module paths, in order
@@ -188,7 +189,7 @@ def test_top_lists_largest_modules_but_summaries_cover_all(schema):
     norms = {n: float(np.linalg.norm(s)) for n, s in SIGMAS.items()}
     assert list(report["modules"]) == sorted(norms, key=norms.get, reverse=True)[:2]
     assert report["summary"]["overall"]["modules"] == 4
-    assert "top 2 of 4" in render(report, "text")
+    assert "top 2 of 4" in render_report(report, "text")
 
 
 def test_unknown_alpha_reported_as_unknown(schema):
@@ -199,14 +200,14 @@ def test_unknown_alpha_reported_as_unknown(schema):
     entry = report["modules"]["model.layers.0.self_attn.q_proj"]
     assert entry["alpha"] is None and entry["scale"] is None and report["adapter"]["alpha_known"] is False
     np.testing.assert_allclose(entry["singular_values"], SIGMAS["model.layers.0.self_attn.q_proj"], rtol=1e-5)  # s = 1
-    text = render(report, "text")
+    text = render_report(report, "text")
     assert "unknown" in text and "alpha unknown" in text.lower()
 
 
 def test_text_table_is_aligned_and_markdown_well_formed():
     adapter = make_adapter()
     report = analyze_report(analyze_adapter(adapter, progress=False), adapter)
-    text = render(report, "text")
+    text = render_report(report, "text")
     lines = text.splitlines()
     start = lines.index("Modules") + 2
     header, rule, *rows = lines[start : start + 2 + len(SIGMAS)]
@@ -218,7 +219,7 @@ def test_text_table_is_aligned_and_markdown_well_formed():
     column_end = header.index("‖ΔW‖_F") + len("‖ΔW‖_F")
     assert all(row[column_end - 1] != " " and row[column_end:column_end + 2] == "  " for row in rows)
 
-    markdown = render(report, "markdown")
+    markdown = render_report(report, "markdown")
     tables = [block for block in markdown.split("\n\n") if block.startswith("|")]
     assert len(tables) == 4
     for table in tables:
@@ -249,7 +250,7 @@ class _PageParser(HTMLParser):
 def test_html_is_self_contained_with_tables_and_plots():
     adapter = make_adapter()
     report = analyze_report(analyze_adapter(adapter, progress=False), adapter)
-    page = render(report, "html")
+    page = render_report(report, "html")
     parser = _PageParser()
     parser.feed(page)
     assert parser.tags.count("table") == 4 and parser.tags.count("tr") >= len(SIGMAS) + 1
@@ -263,7 +264,7 @@ def test_render_rejects_unknown_format():
     adapter = make_adapter()
     report = analyze_report(analyze_adapter(adapter, progress=False), adapter)
     with pytest.raises(ValueError, match="unknown report format"):
-        render(report, "yaml")
+        render_report(report, "yaml")
 
 
 # ------------------------------------------------------------------------- compare
@@ -275,7 +276,7 @@ def test_compare_report_full_grid_matches_oracle(schema):
                  for i, n in enumerate(list(SIGMAS)[:3])}
     b_modules["model.layers.5.self_attn.q_proj"] = module_with_spectrum(24, 24, [1.0], 1.0, 7)
     b = Adapter(b_modules, source="b.safetensors", source_format="ours")
-    report = compare_report(compare_adapters(a, b, basis="A"), a, b, path_a="a", path_b="b")
+    report = compare_report(compare_adapters(a, b, basis="A"), a, b)
     validate(report, schema)
     assert report["only_in_a"] == ["model.layers.1.mlp.down_proj"]
     assert report["only_in_b"] == ["model.layers.5.self_attn.q_proj"]
@@ -295,9 +296,9 @@ def test_compare_report_full_grid_matches_oracle(schema):
     cosines = torch.linalg.svdvals(V1.T @ V2).clamp(max=1).numpy()
     np.testing.assert_allclose(pair["principal_angles_deg"], np.degrees(np.arccos(cosines)), atol=1e-3)
 
-    text = render(report, "text")
+    text = render_report(report, "text")
     assert re.search(r"^1\.mlp\.down_proj +A only$", text, re.M) and re.search(r"^5\.self_attn\.q_proj +B only$", text, re.M)
-    assert "Modules in one adapter only" in render(report, "markdown")
+    assert "Modules in one adapter only" in render_report(report, "markdown")
 
 
 def test_compare_masks_directions_beyond_numerical_rank(schema):
@@ -308,3 +309,25 @@ def test_compare_masks_directions_beyond_numerical_rank(schema):
     assert pair["phi"][3] == [None] * 4 and all(row[3] is None for row in pair["phi"])
     assert pair["phi"][2][2] == pytest.approx(1.0) and pair["phi_1_1"] == pytest.approx(1.0)
     assert pair["principal_angles_deg"] == pytest.approx([0.0] * 3, abs=0.1)  # arccos near 1: ~√eps
+
+
+def test_zero_delta_has_rank_zero_and_is_dropped_by_the_recommendation(schema):
+    adapter = Adapter({"h.0.q": LoraModule(torch.randn(2, 8), torch.zeros(8, 2), alpha=2.0)})  # B = 0: untrained
+    report = analyze_report(analyze_adapter(adapter, progress=False), adapter)
+    validate(report, schema)
+    entry = report["modules"]["h.0.q"]
+    assert entry["frobenius_norm"] == 0.0 and entry["numerical_rank"] == 0 and entry["recommended_rank"]["0.9"] == 0
+    assert report["recommendation"][0]["saving_fraction"] == 1.0
+    assert any("ΔW = 0 in 1 module(s)" in note for note in report["notes"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. matplotlib's "cannot be log-scaled"
+        assert "<img" in render_report(report, "html")
+
+
+def test_modules_and_groups_in_model_order():
+    names = ["model.layers.10.self_attn.v_proj", "model.layers.2.mlp.down_proj", "model.layers.2.self_attn.q_proj"]
+    adapter = Adapter({n: module_with_spectrum(*SHAPES[n.rsplit(".", 1)[1]], [2.0, 1.0], 2.0, i) for i, n in enumerate(names)})
+    report = analyze_report(analyze_adapter(adapter, progress=False), adapter)
+    assert list(report["modules"]) == [names[2], names[1], names[0]]  # layer 2 before 10; q before mlp
+    assert [g["group"] for g in report["summary"]["by_projection"]] == ["q", "v", "mlp.down"]
+    assert [g["group"] for g in report["summary"]["by_layer"]] == ["2", "10"]

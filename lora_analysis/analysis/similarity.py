@@ -40,8 +40,11 @@ def subspace_similarity(
     U1, U2 = _as_tensor(U1), _as_tensor(U2)
     if U1.ndim != 2 or U2.ndim != 2 or U1.shape[0] != U2.shape[0]:
         raise LoraAnalysisError(f"φ needs bases (d, k1) and (d, k2) of one space, got {tuple(U1.shape)} and {tuple(U2.shape)}")
-    dtype = torch.promote_types(torch.promote_types(U1.dtype, U2.dtype), torch.float32)
-    M = (U1.to(dtype).T @ U2.to(device=U1.device, dtype=dtype)).double().cpu().numpy()
+    return phi_grid(_cross_product(U1, U2), rank1, rank2)
+
+
+def phi_grid(M: np.ndarray, rank1: int | None = None, rank2: int | None = None) -> np.ndarray:
+    """φ grid from the cross product M = U1ᵀU2: (k1, k2) (see `subspace_similarity`)."""
     k1, k2 = M.shape
     cumulative = np.cumsum(np.cumsum(M * M, axis=0), axis=1)
     i, j = np.arange(1, k1 + 1)[:, None], np.arange(1, k2 + 1)[None, :]
@@ -50,13 +53,22 @@ def subspace_similarity(
     return grid
 
 
+def _cross_product(U1: torch.Tensor, U2: torch.Tensor) -> np.ndarray:
+    """U1ᵀU2 in float64 (the d-sized product in the inputs' common dtype, at least float32)."""
+    dtype = torch.promote_types(torch.promote_types(U1.dtype, U2.dtype), torch.float32)
+    return (U1.to(dtype).T @ U2.to(device=U1.device, dtype=dtype)).double().cpu().numpy()
+
+
 def principal_angles(U1: torch.Tensor | np.ndarray, U2: torch.Tensor | np.ndarray) -> np.ndarray:
     """Principal angles (radians, ascending) between span(U1) and span(U2), orthonormal columns."""
-    U1, U2 = _as_tensor(U1).double(), _as_tensor(U2).double()
-    if U1.shape[1] == 0 or U2.shape[1] == 0:
+    return _angles(_cross_product(_as_tensor(U1), _as_tensor(U2)))
+
+
+def _angles(M: np.ndarray) -> np.ndarray:
+    """arccos of the singular values of the cross product M = U1ᵀU2."""
+    if 0 in M.shape:
         return np.zeros(0)
-    cosines = torch.linalg.svdvals(U1.T @ U2.to(U1.device)).clamp(0.0, 1.0)
-    return np.arccos(cosines.cpu().numpy())
+    return np.arccos(np.clip(np.linalg.svd(M, compute_uv=False), 0.0, 1.0))
 
 
 def chance_level(k1: int, k2: int, d: int) -> np.ndarray:
@@ -114,12 +126,16 @@ class Comparison:
 
 
 def compare_bases(a: Basis, b: Basis, top_k: int | None = None) -> Comparison:
-    """`Comparison` of two bases of the same space."""
+    """`Comparison` of two bases of the same space.
+
+    M = aᵀb = rotation_aᵀ (frame_aᵀ frame_b) rotation_b: one d × k × k product, the rest small.
+    """
     if a.dim != b.dim:
         raise LoraAnalysisError(f"cannot compare bases of different dimensions {a.dim} and {b.dim}")
-    grid = subspace_similarity(a.vectors, b.vectors, a.rank, b.rank)
+    frames = torch.from_numpy(_cross_product(a.frame, b.frame))
+    M = (a.rotation.cpu().T @ frames @ b.rotation.cpu()).numpy()
+    grid = phi_grid(M, a.rank, b.rank)
     k = min(a.rank, b.rank) if top_k is None else min(top_k, a.rank, b.rank)
-    diagonal = np.diagonal(grid)[:k]
     return Comparison(
         grid=grid,
         basis=a.kind,
@@ -128,8 +144,8 @@ def compare_bases(a: Basis, b: Basis, top_k: int | None = None) -> Comparison:
         rank_b=b.rank,
         phi_11=float(grid[0, 0]) if k else float("nan"),
         top_k=k,
-        top_k_mean=float(diagonal.mean()) if k else float("nan"),
-        principal_angles=principal_angles(a.vectors[:, : a.rank], b.vectors[:, : b.rank]),
+        top_k_mean=float(np.diagonal(grid)[:k].mean()) if k else float("nan"),
+        principal_angles=_angles(M[: a.rank, : b.rank]),
     )
 
 

@@ -34,18 +34,26 @@ BASIS_KINDS: tuple[str, ...] = ("A", "B", "dW-left", "dW-right")
 class Basis:
     """Orthonormal singular vectors ordered by singular value, for φ.
 
-    vectors: (d, k); singular_values: (k,) float64, descending; rank: numerical rank — columns
-    beyond it belong to (numerically) zero singular values and are arbitrary.
+    Kept factored as vectors = frame @ rotation, frame: (d, k) orthonormal (a Q factor),
+    rotation: (k, k') float64 orthogonal columns, so φ between two bases needs one d-sized
+    product (frame₁ᵀframe₂) and small ones. singular_values: (k',) float64, descending; rank:
+    numerical rank — columns beyond it belong to (numerically) zero singular values and are arbitrary.
     """
 
-    vectors: torch.Tensor
+    frame: torch.Tensor
+    rotation: torch.Tensor
     singular_values: torch.Tensor
     rank: int
     kind: str
 
     @property
     def dim(self) -> int:
-        return self.vectors.shape[0]
+        return self.frame.shape[0]
+
+    @cached_property
+    def vectors(self) -> torch.Tensor:
+        """(d, k') singular vectors, in the frame's dtype."""
+        return self.frame @ self.rotation.to(self.frame)
 
 
 @dataclass
@@ -73,47 +81,50 @@ class ModuleSpectrum:
     R_A: torch.Tensor = field(repr=False)  # (k_a, r) float64
     core_U: torch.Tensor = field(repr=False)  # (k_b, m) float64
     core_V: torch.Tensor = field(repr=False)  # (k_a, m) float64
+    _bases: dict[str, Basis] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
         """(d_out, d_in): ΔW in the Linear orientation."""
         return (self.d_out, self.d_in)
 
-    @cached_property
+    @property
     def U(self) -> torch.Tensor:
-        """Left singular vectors of ΔW, (d_out, m), output space."""
-        return self.Q_B @ self.core_U.to(self.Q_B.dtype)
+        """Left singular vectors of ΔW, (d_out, m), output space (formed once, on first access)."""
+        return self.basis("dW-left").vectors
 
-    @cached_property
+    @property
     def V(self) -> torch.Tensor:
-        """Right singular vectors of ΔW, (d_in, m), input space."""
-        return self.Q_A @ self.core_V.to(self.Q_A.dtype)
+        """Right singular vectors of ΔW, (d_in, m), input space (formed once, on first access)."""
+        return self.basis("dW-right").vectors
 
     @property
     def eps(self) -> float:
         return torch.finfo(self.Q_B.dtype).eps
 
     def basis(self, kind: BasisKind = "A") -> Basis:
-        """Singular vectors for φ (paper Eq. 4).
+        """Singular vectors for φ (paper Eq. 4), computed once per kind.
 
         "A": right-singular vectors of A, (d_in, k_a) — the paper's choice (Sec. 7.2).
         "B": left-singular vectors of B, (d_out, k_b) — the paper's footnote alternative.
         "dW-left" / "dW-right": U (d_out, m) / V (d_in, m) of ΔW.
         """
+        if kind not in self._bases:
+            self._bases[kind] = self._basis(kind)
+        return self._bases[kind]
+
+    def _basis(self, kind: str) -> Basis:
         if kind == "dW-left":
-            return Basis(self.U, self.S, self.numerical_rank, kind)
+            return Basis(self.Q_B, self.core_U, self.S, self.numerical_rank, kind)
         if kind == "dW-right":
-            return Basis(self.V, self.S, self.numerical_rank, kind)
+            return Basis(self.Q_A, self.core_V, self.S, self.numerical_rank, kind)
         if kind == "A":  # A = R_Aᵀ Q_Aᵀ; R_Aᵀ = P Σ Wᵀ  ⇒  right vectors of A: Q_A W
             _, sv, wh = torch.linalg.svd(self.R_A.T, full_matrices=False)
-            return self._factor_basis(self.Q_A, wh.T, sv, max(self.r, self.d_in), kind)
+            return Basis(self.Q_A, wh.T, sv, numerical_rank(sv, max(self.r, self.d_in), self.eps), kind)
         if kind == "B":  # B = Q_B R_B; R_B = P Σ Wᵀ  ⇒  left vectors of B: Q_B P
             p, sv, _ = torch.linalg.svd(self.R_B, full_matrices=False)
-            return self._factor_basis(self.Q_B, p, sv, max(self.r, self.d_out), kind)
+            return Basis(self.Q_B, p, sv, numerical_rank(sv, max(self.r, self.d_out), self.eps), kind)
         raise LoraAnalysisError(f"unknown basis {kind!r}: use one of {', '.join(BASIS_KINDS)}")
-
-    def _factor_basis(self, q: torch.Tensor, rotation: torch.Tensor, sv: torch.Tensor, dim: int, kind: str) -> Basis:
-        return Basis(q @ rotation.to(q.dtype), sv, numerical_rank(sv, dim, self.eps), kind)
 
     def metrics(self, taus: Sequence[float] = DEFAULT_TAUS) -> "RankMetrics":
         """`rank_metrics` of S with this spectrum's tolerance."""
@@ -244,11 +255,16 @@ def _spectra_of_batch(modules: list[LoraModule], device: torch.device, dtype: to
     """Spectra of modules with equal factor shapes: one batched QR per factor, one batched core SVD."""
     first = modules[0]
     dtype = _compute_dtype(first, dtype)
-    B = torch.stack([m.B.to(device=device, dtype=dtype) for m in modules])  # (n, d_out, r)
-    At = torch.stack([m.A.to(device=device, dtype=dtype).T for m in modules])  # (n, d_in, r)
-    Q_B, R_B = torch.linalg.qr(B)
-    Q_A, R_A = torch.linalg.qr(At)
-    del B, At
+    # Filled with one converting copy per factor and laid out column-major (the .mT views), so
+    # LAPACK/cuSOLVER take them without another copy.
+    Bt = torch.empty(len(modules), first.r, first.d_out, device=device, dtype=dtype)
+    A = torch.empty(len(modules), first.r, first.d_in, device=device, dtype=dtype)
+    for i, m in enumerate(modules):
+        Bt[i].copy_(m.B.T)
+        A[i].copy_(m.A)
+    Q_B, R_B = torch.linalg.qr(Bt.mT)  # B: (n, d_out, r)
+    Q_A, R_A = torch.linalg.qr(A.mT)  # Aᵀ: (n, d_in, r)
+    del Bt, A
     # The r × r core in float64 on the CPU: tiny, and exact to double precision.
     R_B, R_A = R_B.to("cpu", torch.float64), R_A.to("cpu", torch.float64)
     scales = torch.tensor([m.scale for m in modules], dtype=torch.float64)

@@ -8,6 +8,7 @@ needs them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import os
 import sys
@@ -105,7 +106,7 @@ def register(subparsers) -> None:
 def run_analyze(args: argparse.Namespace) -> int:
     from ..adapters import load_adapter
     from ..analysis import analyze_adapter
-    from ..report import analyze_report, render
+    from ..report import analyze_report, render_report
 
     adapter = load_adapter(args.adapter, alpha=args.alpha)
     selected = _select(adapter, args.modules, args.adapter)
@@ -122,19 +123,18 @@ def run_analyze(args: argparse.Namespace) -> int:
         device=args.device,
     )
     report = analyze_report(
-        analysis, selected, num_modules=len(adapter), path=args.adapter, base_path=args.base,
-        base_names=base_names, patterns=args.modules, top=args.top,
+        analysis, selected, num_modules=len(adapter), base_names=base_names, patterns=args.modules, top=args.top,
     )
     if args.format == "html":
         _progress(args, "rendering figures")
-    _emit(render(report, args.format), args)
+    _emit(render_report(report, args.format), args)
     return 0
 
 
 def run_compare(args: argparse.Namespace) -> int:
     from ..adapters import load_adapter
-    from ..analysis import compare_adapters
-    from ..report import compare_report, render
+    from ..analysis import adapter_spectra, compare_adapters
+    from ..report import compare_report, render_report
 
     if args.plot:
         from ..plots import figure_format
@@ -142,31 +142,20 @@ def run_compare(args: argparse.Namespace) -> int:
         figure_format(args.plot)  # a bad extension fails before the work
     adapter_a = _select(load_adapter(args.adapter_a), args.modules, args.adapter_a)
     adapter_b = _select(load_adapter(args.adapter_b), args.modules, args.adapter_b)
-    comparison = compare_adapters(adapter_a, adapter_b, basis=args.basis, top_k=args.top_k, progress=not args.quiet)
-    report = compare_report(comparison, adapter_a, adapter_b, top_k=args.top_k, path_a=args.adapter_a,
-                            path_b=args.adapter_b, patterns=args.modules)
+    spectra_a, spectra_b = (adapter_spectra(x, progress=not args.quiet, device=args.device) for x in (adapter_a, adapter_b))
+    comparison = compare_adapters(spectra_a, spectra_b, basis=args.basis, top_k=args.top_k)
+    report = compare_report(comparison, adapter_a, adapter_b, top_k=args.top_k, patterns=args.modules)
     if not report["pairs"]:
         raise LoraAnalysisError(f"{args.adapter_a} and {args.adapter_b}: no module in common "
                                 f"(A has e.g. {_examples(report['only_in_a'])}; B has e.g. {_examples(report['only_in_b'])})")
     if args.plot:
-        _plot_comparison(report, args.plot)
+        from ..plots import compare_figure, save_figure
+
+        with _writing(args.plot):
+            save_figure(compare_figure(report), args.plot)
         _progress(args, f"wrote {args.plot}")
-    _emit(render(report, args.format), args)
+    _emit(render_report(report, args.format), args)
     return 0
-
-
-def _plot_comparison(report: dict, path: str) -> None:
-    from ..plots import PhiPanel, phi_figure, save_figure
-    from ..report.grouping import common_prefix
-
-    prefix = common_prefix(list(report["pairs"]))
-    panels = [
-        PhiPanel(pair["phi"], title=name[len(prefix):], xlabel=f"j (B, r={pair['r_b']})",
-                 ylabel=f"i (A, r={pair['r_a']})", dim=pair["dim"])
-        for name, pair in report["pairs"].items()
-    ]
-    suptitle = f"Subspace similarity φ(i, j), basis {report['basis']}" + (f" — {prefix}*" if prefix else "")
-    save_figure(phi_figure(panels, suptitle=suptitle), path)
 
 
 def _select(adapter, patterns: list[str] | None, path: str):
@@ -185,7 +174,8 @@ def _emit(text: str, args: argparse.Namespace) -> None:
     if args.output:
         from ..fileio import atomic_write_text
 
-        atomic_write_text(args.output, text)
+        with _writing(args.output):
+            atomic_write_text(args.output, text)
         _progress(args, f"wrote {args.output}")
         return
     try:  # UTF-8 whatever the locale: reports contain σ, α, ‖ΔW‖
@@ -194,6 +184,15 @@ def _emit(text: str, args: argparse.Namespace) -> None:
         sys.stdout.buffer.flush()
     except BrokenPipeError:  # `| head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+@contextlib.contextmanager
+def _writing(path: str):
+    """An unwritable output path is bad input (exit 2), not a crash."""
+    try:
+        yield
+    except OSError as err:
+        raise LoraAnalysisError(f"{path}: cannot write ({err.strerror or err})") from None
 
 
 def _progress(args: argparse.Namespace, message: str) -> None:

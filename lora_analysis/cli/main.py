@@ -39,12 +39,17 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    with warnings.catch_warnings():  # restored on return: main() may run inside a notebook or test
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except LoraAnalysisError as err:
@@ -63,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    """Warnings for CLI users: one line, no source location."""
-    return f"lora-analysis: warning: {message}\n"
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings for CLI users: one line on stderr, no source location."""
+    print(f"lora-analysis: warning: {message}", file=file or sys.stderr)
 
 
 if __name__ == "__main__":

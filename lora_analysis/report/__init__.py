@@ -2,7 +2,7 @@
 rendered as an aligned text table, markdown, JSON, or a self-contained HTML page.
 
     report = analyze_report(analyze_adapter(adapter), adapter)
-    print(render(report, "text"))
+    print(render_report(report, "text"))
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def load_schema() -> dict:
     return json.loads(resources.files(__package__).joinpath("schema.json").read_text(encoding="utf-8"))
 
 
-def render(report: Mapping, fmt: str = "text") -> str:
+def render_report(report: Mapping, fmt: str = "text") -> str:
     """`report` as text, markdown, json, or html (html: `analyze` reports only)."""
     if fmt == "json":
         return json.dumps(report, indent=1, ensure_ascii=False) + "\n"
@@ -53,5 +53,5 @@ __all__ = [
     "layer_of",
     "load_schema",
     "projection_type",
-    "render",
+    "render_report",
 ]

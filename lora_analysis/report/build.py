@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
-from .grouping import layer_labels, projection_type
+from .grouping import layer_labels, model_order, projection_type
 from .summary import recommendation, summarize, tau_key
 
 if TYPE_CHECKING:
@@ -27,10 +27,10 @@ def generator() -> str:
     return f"lora-analysis {__version__}"
 
 
-def adapter_info(adapter: "Adapter", path: str | None = None) -> dict:
-    """`schema.json#/$defs/adapter_info` of an adapter."""
+def adapter_info(adapter: "Adapter") -> dict:
+    """`schema.json#/$defs/adapter_info` of an adapter (path: where it was loaded from)."""
     return {
-        "path": path or adapter.source or "",
+        "path": adapter.source or "",
         "format": adapter.source_format,
         "base_model_name_or_path": adapter.config.base_model_name_or_path,
         "num_modules": len(adapter),
@@ -43,13 +43,12 @@ def analyze_report(
     adapter: "Adapter",
     *,
     num_modules: int | None = None,
-    path: str | None = None,
-    base_path: str | None = None,
     base_names: Mapping[str, str] | None = None,
     patterns: Sequence[str] | None = None,
     top: int | None = None,
 ) -> dict:
-    """The `analyze` report of `adapter` (its selected modules) from `analysis`.
+    """The `analyze` report of `adapter` (its selected modules) from `analysis`, modules in
+    model order (`grouping.model_order`).
 
     num_modules: modules in the adapter file before selection (default: len(adapter)).
     base_names: adapter module → its weight's name in the base checkpoint.
@@ -59,15 +58,15 @@ def analyze_report(
     layers = layer_labels(list(analysis.modules))
     base_names = base_names or {}
     entries = {
-        name: module_entry(name, adapter[name], result, taus, layers[name], base_names.get(name, name))
-        for name, result in analysis.modules.items()
+        name: module_entry(name, adapter[name], analysis.modules[name], taus, layers[name], base_names.get(name, name))
+        for name in sorted(analysis.modules, key=model_order)
     }
     shown = entries
     if top is not None:
         ranked = sorted(entries, key=lambda n: entries[n]["frobenius_norm"], reverse=True)[:top]
         shown = {name: entries[name] for name in ranked}
     intruders = next((r.intruders for r in analysis.modules.values() if r.intruders is not None), None)
-    info = adapter_info(adapter, path)
+    info = adapter_info(adapter)
     info["num_modules"] = len(adapter) if num_modules is None else num_modules
     info["num_analyzed"] = len(entries)
     info["num_parameters"] = sum(e["parameters"] for e in entries.values())
@@ -76,7 +75,7 @@ def analyze_report(
         "kind": "analyze",
         "generator": generator(),
         "adapter": info,
-        "base": None if base_path is None else {"path": base_path},
+        "base": None if analysis.base_source is None else {"path": analysis.base_source},
         "settings": {
             "energy_thresholds": taus,
             "modules": list(patterns) if patterns else None,
@@ -84,7 +83,7 @@ def analyze_report(
             "intruder_top_k": None if intruders is None else intruders.k,
             "intruder_epsilon": None if intruders is None else intruders.epsilon,
         },
-        "notes": list(analysis.notes),
+        "notes": list(analysis.notes) + _zero_note(entries),
         "modules": shown,
         "summary": summarize(entries, taus),
         "recommendation": recommendation(entries, taus),
@@ -153,8 +152,6 @@ def compare_report(
     adapter_b: "Adapter",
     *,
     top_k: int | None = None,
-    path_a: str | None = None,
-    path_b: str | None = None,
     patterns: Sequence[str] | None = None,
 ) -> dict:
     """The `compare` report: per module pair the full φ grid, summary numbers, chance level."""
@@ -178,12 +175,20 @@ def compare_report(
         "kind": "compare",
         "generator": generator(),
         "basis": comparison.basis,
-        "adapters": {"a": adapter_info(adapter_a, path_a), "b": adapter_info(adapter_b, path_b)},
+        "adapters": {"a": adapter_info(adapter_a), "b": adapter_info(adapter_b)},
         "settings": {"top_k": top_k, "modules": list(patterns) if patterns else None},
         "pairs": pairs,
         "only_in_a": list(comparison.only_in_a),
         "only_in_b": list(comparison.only_in_b),
     }
+
+
+def _zero_note(entries: Mapping[str, Mapping]) -> list[str]:
+    zero = [name for name, e in entries.items() if e["frobenius_norm"] == 0.0]
+    if not zero:
+        return []
+    return [f"ΔW = 0 in {len(zero)} module(s) (e.g. {zero[0]}): B = 0, as after initialization? "
+            "Their ranks are 0 and the recommendation drops them"]
 
 
 def _number(x) -> float | None:

@@ -28,6 +28,7 @@ _PROJECTION_PATTERNS: list[tuple[str, str]] = [
     ("mlp.up", r"up_proj|intermediate[._]dense|c_fc|fc1|dense_h_to_4h|wi|wi_0|wi_1|lin1|w3|fc_in"),
     ("mlp.down", r"down_proj|output[._]dense|mlp[._]c_proj|fc2|dense_4h_to_h|wo|lin2|w2|fc_out"),
 ]
+PROJECTION_ORDER = ("q", "k", "v", "qkv", "o", "mlp.gate", "mlp.up", "mlp.down")
 _PROJECTION_RES = [(label, re.compile(f"{_SEP}(?:{alts})$")) for label, alts in _PROJECTION_PATTERNS]
 _INTEGER = re.compile(r"(?:^|[._])(\d+)(?=[._]|$)")
 
@@ -50,6 +51,16 @@ def layer_of(name: str) -> tuple[str, int] | None:
     if match is None:
         return None
     return name[: match.start(1)].rstrip("._"), int(match.group(1))
+
+
+def model_order(name: str) -> tuple:
+    """Sort key putting modules in model order: by stack and layer index (numerically, so
+    layer 2 before layer 10; modules outside numbered layers last), then projection type in
+    PROJECTION_ORDER (others after), then the path."""
+    layer = layer_of(name)
+    projection = projection_type(name)
+    rank = PROJECTION_ORDER.index(projection) if projection in PROJECTION_ORDER else len(PROJECTION_ORDER)
+    return (1, "", 0) if layer is None else (0, *layer), rank, name
 
 
 def layer_labels(names: list[str]) -> dict[str, str | None]:

@@ -8,7 +8,7 @@ import base64
 import html
 from typing import Mapping, Sequence
 
-from .grouping import common_prefix, layer_of
+from .grouping import common_prefix, layer_of, model_order
 from .tables import Table, analyze_header, analyze_tables
 
 MAX_PHI_PANELS = 12
@@ -97,10 +97,10 @@ def spectra_by_projection(modules: Mapping[str, Mapping]) -> dict[str, list[dict
 
 
 def _grid_axes(modules: Mapping[str, Mapping]) -> tuple[list[str], list[str]]:
-    """Rows (projection types, first appearance) and columns (layers, model order)."""
-    rows = list(dict.fromkeys(m["projection"] for m in modules.values() if m["layer"] is not None))
-    ordered = sorted((layer_of(n), m["layer"]) for n, m in modules.items() if m["layer"] is not None)
-    columns = list(dict.fromkeys(label for _, label in ordered))
+    """Rows (projection types) and columns (layers), both in model order."""
+    layered = sorted((n for n, m in modules.items() if m["layer"] is not None), key=model_order)
+    rows = list(dict.fromkeys(modules[n]["projection"] for n in sorted(layered, key=lambda n: model_order(n)[1])))
+    columns = list(dict.fromkeys(modules[n]["layer"] for n in layered))
     return rows, columns
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Mapping, Sequence
 
-from .grouping import layer_of
+from .grouping import model_order
 
 
 def tau_key(tau: float) -> str:
@@ -51,25 +51,20 @@ def group_summary(group: str, entries: Sequence[Mapping], taus: Sequence[float])
 
 
 def summarize(entries: Mapping[str, Mapping], taus: Sequence[float]) -> dict:
-    """Overall, per-layer and per-projection summaries. Layers in model order (stack, index;
-    modules outside numbered layers last), projection types in order of first appearance."""
+    """Overall, per-layer and per-projection summaries, groups in model order (layers by
+    index, modules outside numbered layers last; projections q, k, v, qkv, o, mlp...)."""
     by_layer: dict[str, list] = {}
     by_projection: dict[str, list] = {}
-    for name in sorted(entries, key=_layer_order):
+    for name in sorted(entries, key=model_order):
         entry = entries[name]
         by_layer.setdefault(entry["layer"] if entry["layer"] is not None else "(none)", []).append(entry)
-    for entry in entries.values():
-        by_projection.setdefault(entry["projection"], []).append(entry)
+    for name in sorted(entries, key=lambda n: model_order(n)[1]):
+        by_projection.setdefault(entries[name]["projection"], []).append(entries[name])
     return {
         "overall": group_summary("all", list(entries.values()), taus),
         "by_layer": [group_summary(layer, group, taus) for layer, group in by_layer.items()],
         "by_projection": [group_summary(kind, group, taus) for kind, group in by_projection.items()],
     }
-
-
-def _layer_order(name: str) -> tuple:
-    layer = layer_of(name)
-    return (1, "", 0) if layer is None else (0, *layer)
 
 
 def recommendation(entries: Mapping[str, Mapping], taus: Sequence[float]) -> list[dict]:

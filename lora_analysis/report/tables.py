@@ -35,7 +35,7 @@ def fmt(value, digits: int = 4) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, int):
-        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+        return f"{value:,}" if abs(value) >= 1000 else str(value)
     return f"{value:.{digits}g}"
 
 
@@ -109,8 +109,6 @@ def _module_table(report: Mapping, taus) -> Table:
         title += f" (top {len(rows)} of {adapter['num_analyzed']} by ‖ΔW‖_F)"
     notes = ["r@τ: recommended rank, the smallest k with Σ_{i≤k}σ² ≥ τ·Σσ²; stable rank Σσ²/σ₁²; "
              "Roy-Vetterli rank exp(H(σ/Σσ)); energy eff. rank exp(H(σ²/Σσ²))"]
-    if not adapter["alpha_known"]:
-        notes.append("α unknown (not recorded in the file): ‖ΔW‖_F and σ₁ assume s = 1; ranks do not depend on s")
     return Table(title, columns, rows, [False, False] + [True] * (len(columns) - 2), notes)
 
 
