@@ -18,6 +18,7 @@ from ..config import matches_suffix
 from ..errors import LoraAnalysisError
 from ..report.grouping import layer_of
 from ..training import TrainConfig, cell_name, run_sweep
+from ..training.models import resolve_model
 
 PAPER_RANKS = (1, 2, 4, 8, 64)
 PAPER_SEEDS = (0, 1)
@@ -140,5 +141,6 @@ class Runs:
 
 def train_sweep(config: ReproduceConfig) -> Runs:
     """Train the missing cells of the sweep (finished ones are reused, unfinished resumed)."""
+    resolve_model(config.model)  # a bad model fails here, before any progress output
     result = run_sweep(config.train_config(), config.run_dir, config.ranks, config.seeds, config.target_sets)
     return Runs(config, result.cells)
