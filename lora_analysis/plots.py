@@ -53,9 +53,10 @@ def chance_level(n_i: int, n_j: int, dim: int) -> np.ndarray:
     return np.maximum(i, j) / dim
 
 
-def _ticks(n: int, max_ticks: int = 8) -> np.ndarray:
-    """1-based tick positions: every index for small n, else a round step."""
-    if n <= max_ticks:
+def _ticks(n: int, max_ticks: int = 5) -> np.ndarray:
+    """1-based tick positions: every index up to 8, else about `max_ticks` at a round step
+    (more would collide on a panel sized for a paper column)."""
+    if n <= 8:
         return np.arange(1, n + 1)
     step = max(1, math.ceil(n / max_ticks))
     step = min((s for s in (1, 2, 4, 5, 8, 10, 16, 20, 25, 32, 50, 64, 100, 128) if s >= step), default=step)

@@ -36,6 +36,11 @@ def short(target: str) -> str:
     return {"query": "q", "key": "k", "value": "v", "dense": "o"}.get(target, target)
 
 
+def tex(symbol: str, target: str) -> str:
+    """Mathtext for a figure label: tex("ΔW", "query") → $\\Delta W_{q}$."""
+    return "$" + symbol.replace("Δ", "\\Delta ") + "_{" + short(target) + "}$"
+
+
 def render_all(s7: Section7, out: Path, command: str, progress: bool = True) -> dict:
     """Write every figure and table into `out`; returns the numbers (also in results.json)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -64,16 +69,16 @@ def _phi_summary(comparison) -> dict:
 def fig3(s7: Section7, out: Path) -> dict:
     """φ(A_{r=8}, A_{r=64}) at one layer: full (8 × 64) and zoomed (8 × 8) panels."""
     layer, comparisons = s7.runs.layer, {t: s7.rank_comparison(t, s7.runs.layer) for t in s7.targets}
-    full = [_rank_panel(c, f"ΔW_{short(t)}", c.grid) for t, c in comparisons.items()]
-    zoom = [_rank_panel(c, f"ΔW_{short(t)} (i, j ≤ 8)", c.grid[:8, :8]) for t, c in comparisons.items()]
+    full = [_rank_panel(c, tex("ΔW", t), c.grid) for t, c in comparisons.items()]
+    zoom = [_rank_panel(c, tex("ΔW", t) + " ($i, j \\leq 8$)", c.grid[:8, :8]) for t, c in comparisons.items()]
     fig = phi_figure(full + zoom, ncols=len(full + zoom), panel_size=PANEL_SIZE,
-                     suptitle=f"φ(A_r=8, A_r=64, i, j), layer {layer}")
+                     suptitle=f"$\\phi(A_{{r=8}}, A_{{r=64}}, i, j)$, layer {layer}")
     _save(fig, out, "fig3")
     return {t: _phi_summary(c) for t, c in comparisons.items()}
 
 
 def _rank_panel(comparison, title: str, grid: np.ndarray) -> PhiPanel:
-    return PhiPanel(grid, title=title, xlabel="j  (r = 64)", ylabel="i  (r = 8)", dim=comparison.dim)
+    return PhiPanel(grid, title=title, xlabel="$j$  ($r = 64$)", ylabel="$i$  ($r = 8$)", dim=comparison.dim)
 
 
 def fig4(s7: Section7, out: Path) -> dict:
@@ -81,12 +86,12 @@ def fig4(s7: Section7, out: Path) -> dict:
     layer = s7.runs.layer
     comparisons = {t: s7.seed_comparison(t, layer) for t in s7.targets}
     a, b = s7.seeds
-    panels = [_seed_panel(c, f"ΔW_{short(t)}") for t, c in comparisons.items()]
+    panels = [_seed_panel(c, tex("ΔW", t)) for t, c in comparisons.items()]
     random = s7.random_grid(s7.targets[0], layer)
     dim = comparisons[s7.targets[0]].dim
-    panels.append(PhiPanel(random, title="random Gaussian", xlabel="j", ylabel="i", dim=dim))
+    panels.append(PhiPanel(random, title="random Gaussian", xlabel="$j$", ylabel="$i$", dim=dim))
     fig = phi_figure(panels, ncols=len(panels), panel_size=PANEL_SIZE + 0.3,
-                     suptitle=f"φ(A_r=64 seed {a}, A_r=64 seed {b}, i, j), layer {layer}")
+                     suptitle=f"$\\phi(A_{{r=64}}, A'_{{r=64}}, i, j)$, seeds {a} and {b}, layer {layer}")
     _save(fig, out, "fig4")
     summary = {t: _phi_summary(c) | _shared_directions(c.grid) for t, c in comparisons.items()}
     summary["random"] = {"phi_11": float(random[0, 0]), "top_k_mean": float(np.mean(np.diag(random)[:8]))}
@@ -94,8 +99,7 @@ def fig4(s7: Section7, out: Path) -> dict:
 
 
 def _seed_panel(comparison, title: str) -> PhiPanel:
-    a_label, b_label = "i  (seed a)", "j  (seed b)"
-    return PhiPanel(comparison.grid, title=title, xlabel=b_label, ylabel=a_label, dim=comparison.dim)
+    return PhiPanel(comparison.grid, title=title, xlabel="$j$  ($A'$, second seed)", ylabel="$i$  ($A$)", dim=comparison.dim)
 
 
 def _shared_directions(grid: np.ndarray, threshold: float = 0.5) -> dict:
@@ -110,7 +114,7 @@ def _per_layer(s7: Section7, out: Path, name: str, compare: Callable, panel: Cal
     for layer in s7.runs.layers:
         for t in s7.targets:
             comparison = compare(t, layer)
-            panels.append(panel(comparison, f"layer {layer}, ΔW_{short(t)}"))
+            panels.append(panel(comparison, f"layer {layer}, " + tex("ΔW", t)))
             summary.setdefault(str(layer), {})[t] = _phi_summary(comparison) | _shared_directions(comparison.grid)
     fig = phi_figure(panels, ncols=2 * len(s7.targets), panel_size=PANEL_SIZE, suptitle=suptitle)
     _save(fig, out, name)
@@ -120,14 +124,14 @@ def _per_layer(s7: Section7, out: Path, name: str, compare: Callable, panel: Cal
 def fig6(s7: Section7, out: Path) -> dict:
     """Figure 3 for every layer."""
     return _per_layer(s7, out, "fig6", s7.rank_comparison,
-                      lambda c, title: _rank_panel(c, title, c.grid), "φ(A_r=8, A_r=64, i, j), every layer")
+                      lambda c, title: _rank_panel(c, title, c.grid), "$\\phi(A_{r=8}, A_{r=64}, i, j)$, every layer")
 
 
 def fig7(s7: Section7, out: Path) -> dict:
     """Figure 4 for every layer."""
     a, b = s7.seeds
     return _per_layer(s7, out, "fig7", s7.seed_comparison, _seed_panel,
-                      f"φ(A_r=64 seed {a}, A_r=64 seed {b}, i, j), every layer")
+                      f"$\\phi(A_{{r=64}}, A'_{{r=64}}, i, j)$, seeds {a} and {b}, every layer")
 
 
 def fig8(s7: Section7, out: Path) -> dict:
@@ -136,13 +140,13 @@ def fig8(s7: Section7, out: Path) -> dict:
     grids = s7.weight_vs_delta(target, layer)
     dim = next(iter(grids.values())).shape[0]
     panels = [
-        PhiPanel(grid, title=label if label == "random" else f"ΔW_{short(target)}, {label}",
-                 xlabel=f"j  (ΔW_{short(target)})" if label != "random" else "j  (random)",
-                 ylabel=f"i  (W_{short(target)})", dim=dim)
+        PhiPanel(grid, title=label if label == "random" else tex("ΔW", target) + f", ${label}$",
+                 xlabel="$j$  (" + (tex("ΔW", target) if label != "random" else "random") + ")",
+                 ylabel="$i$  (" + tex("W", target) + ")", dim=dim)
         for label, grid in grids.items()
     ]
     fig = phi_figure(panels, ncols=len(panels), panel_size=PANEL_SIZE,
-                     suptitle=f"φ(W_{short(target)}, ΔW_{short(target)}, i, j), layer {layer}")
+                     suptitle=f"$\\phi(W_{{{short(target)}}}, \\Delta W_{{{short(target)}}}, i, j)$, layer {layer}")
     _save(fig, out, "fig8")
     # How much of ΔW's top direction lies in W's top-k directions, vs chance k/d.
     ks = [k for k in (1, 8, 32) if k <= dim]
