@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--layers", type=int, nargs="+", help="layers in figures 6/7 (default: all)")
     parser.add_argument("--layer", type=int, help="layer of figures 3, 4, 8 and Table 7 (default: the middle one)")
     parser.add_argument("--steps", type=int, help="training steps per run (default 200; 4 with --quick)")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, help="learning rate (default: the training default)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     parser.add_argument("--quick", action="store_true", help="a few steps per run: a first look, and the tests")
     add_common_options(parser)

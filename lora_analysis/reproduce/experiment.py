@@ -45,7 +45,7 @@ class ReproduceConfig:
     ranks: tuple[int, ...] = PAPER_RANKS
     seeds: tuple[int, ...] = PAPER_SEEDS
     steps: int | None = None
-    lr: float = 1e-3
+    lr: float | None = None  # None: the training default
     batch_size: int = 16
     max_seq_len: int = 64
     quick: bool = False
@@ -74,11 +74,11 @@ class ReproduceConfig:
         return sets
 
     def train_config(self) -> TrainConfig:
+        optional = {"lr": self.lr} if self.lr is not None else {}
         return TrainConfig(
             model=self.model,
             data=self.data,
             steps=self.steps or (4 if self.quick else 200),
-            lr=self.lr,
             batch_size=self.batch_size,
             max_seq_len=self.max_seq_len,
             # quick: a 256-example validation split keeps a first look under two minutes
@@ -86,6 +86,7 @@ class ReproduceConfig:
             checkpoint_every=0 if self.quick else 100,
             device=self.device,
             progress=self.progress,
+            **optional,
         )
 
 
