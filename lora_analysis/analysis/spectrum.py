@@ -118,10 +118,10 @@ class ModuleSpectrum:
             return Basis(self.Q_B, self.core_U, self.S, self.numerical_rank, kind)
         if kind == "dW-right":
             return Basis(self.Q_A, self.core_V, self.S, self.numerical_rank, kind)
-        if kind == "A":  # A = R_Aᵀ Q_Aᵀ; R_Aᵀ = P Σ Wᵀ  ⇒  right vectors of A: Q_A W
-            _, sv, wh = torch.linalg.svd(self.R_A.T, full_matrices=False)
-            return Basis(self.Q_A, wh.T, sv, numerical_rank(sv, max(self.r, self.d_in), self.eps), kind)
-        if kind == "B":  # B = Q_B R_B; R_B = P Σ Wᵀ  ⇒  left vectors of B: Q_B P
+        if kind == "A":  # A = R_Aᵀ Q_Aᵀ; R_Aᵀ = P Σ Tᵀ  ⇒  right vectors of A: Q_A T
+            _, sv, th = torch.linalg.svd(self.R_A.T, full_matrices=False)
+            return Basis(self.Q_A, th.T, sv, numerical_rank(sv, max(self.r, self.d_in), self.eps), kind)
+        if kind == "B":  # B = Q_B R_B; R_B = P Σ Tᵀ  ⇒  left vectors of B: Q_B P
             p, sv, _ = torch.linalg.svd(self.R_B, full_matrices=False)
             return Basis(self.Q_B, p, sv, numerical_rank(sv, max(self.r, self.d_out), self.eps), kind)
         raise LoraAnalysisError(f"unknown basis {kind!r}: use one of {', '.join(BASIS_KINDS)}")
@@ -198,8 +198,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def module_spectrum(
     module: LoraModule, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32
 ) -> ModuleSpectrum:
-    """Exact thin SVD of one module's ΔW (see module docstring)."""
-    return _spectra_of_batch([module], resolve_device(device), dtype)[0]
+    """Exact thin SVD of one module's ΔW (see module docstring); dtype: float32 or float64 QR."""
+    return next(iter_spectra([("module", module)], device, dtype))[1]
 
 
 def iter_spectra(
@@ -240,9 +240,19 @@ def _shape_key(m: LoraModule) -> tuple:
 
 
 def _flush(batch: list[tuple[str, LoraModule]], device: torch.device, dtype: torch.dtype):
-    if batch:
-        names = [name for name, _ in batch]
-        yield from zip(names, _spectra_of_batch([m for _, m in batch], device, dtype))
+    if not batch:
+        return
+    try:
+        spectra = _spectra_of_batch([m for _, m in batch], device, dtype)
+    except torch.linalg.LinAlgError:
+        spectra = None
+    if spectra is None or not all(torch.isfinite(s.S).all() for s in spectra):
+        # Only on failure: find the culprit rather than scanning every factor up front.
+        for name, m in batch:
+            if not (torch.isfinite(m.A).all() and torch.isfinite(m.B).all()):
+                raise LoraAnalysisError(f"module {name}: LoRA factors contain NaN or Inf")
+        raise LoraAnalysisError(f"SVD failed for modules {[name for name, _ in batch]}")
+    yield from zip((name for name, _ in batch), spectra)
 
 
 def _compute_dtype(module: LoraModule, dtype: torch.dtype) -> torch.dtype:
