@@ -5,7 +5,7 @@ arXiv 2106.09685) on any model: spectra of ΔW = s·B·A from the factors, subsp
 across ranks, seeds and layers, and projections of ΔW against the pretrained W.
 """
 
-from .adapters import Adapter, LoraModule
+from .adapters import Adapter, LoraModule, apply_adapter, load_adapter, save_adapter
 from .analysis import (
     AdapterAnalysis,
     adapter_spectra,
@@ -27,29 +27,38 @@ from .lora import (
     trainable_parameters,
     unmerge_lora,
 )
+from .training import SweepResult, TrainConfig, TrainResult, run_sweep, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
     "AdapterAnalysis",
-    "BaseWeights",
-    "adapter_spectra",
-    "analyze_adapter",
-    "compare_adapters",
-    "compare_layers",
-    "module_spectrum",
-    "subspace_similarity",
     "AdapterFormatError",
+    "BaseWeights",
     "LoraAnalysisError",
     "LoraConfig",
     "LoraLinear",
     "LoraModule",
     "ModuleResolutionError",
+    "SweepResult",
+    "TrainConfig",
+    "TrainResult",
+    "adapter_spectra",
+    "analyze_adapter",
+    "apply_adapter",
+    "compare_adapters",
+    "compare_layers",
     "extract_adapter",
     "inject_lora",
+    "load_adapter",
     "merge_lora",
+    "module_spectrum",
     "remove_lora",
+    "run_sweep",
+    "save_adapter",
+    "subspace_similarity",
+    "train",
     "trainable_parameters",
     "unmerge_lora",
 ]

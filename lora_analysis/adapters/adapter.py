@@ -56,7 +56,15 @@ class LoraModule:
         """s = α/r (α/√r with rsLoRA); 1.0 when α is unknown."""
         if self.alpha is None:
             return 1.0
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return self.alpha / self._alpha_divisor()
+
+    @property
+    def effective_alpha(self) -> float:
+        """α, or when it is unknown the α giving the s = 1.0 used instead (r, or √r with rsLoRA)."""
+        return self._alpha_divisor() if self.alpha is None else self.alpha
+
+    def _alpha_divisor(self) -> float:
+        return math.sqrt(self.r) if self.use_rslora else float(self.r)
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Materialized ΔW = s·B·A, (d_out, d_in), or (d_in, d_out) for fan_in_fan_out.

@@ -12,10 +12,11 @@ import argparse
 import importlib
 import sys
 import traceback
+import warnings
 
 from ..errors import LoraAnalysisError
 
-SUBCOMMANDS: list[str] = []  # module names under lora_analysis.cli, e.g. "analyze"
+SUBCOMMANDS: list[str] = ["train", "analyze", "reproduce"]  # modules under lora_analysis.cli; each registers its subcommands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -59,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"lora-analysis: unexpected error ({type(err).__name__}): {err}; rerun with --debug", file=sys.stderr)
         return 1
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings for CLI users: one line, no source location."""
+    return f"lora-analysis: warning: {message}\n"
 
 
 if __name__ == "__main__":

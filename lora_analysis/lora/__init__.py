@@ -1,6 +1,7 @@
 """The LoRA core: a layer wrapping Linear/Conv1D, injection into a model, merge/unmerge."""
 
 from .inject import (
+    extra_parameters,
     extract_adapter,
     find_target_modules,
     inject_lora,
@@ -16,6 +17,7 @@ from .layer import LoraLinear, is_adaptable, is_conv1d, linear_shape
 
 __all__ = [
     "LoraLinear",
+    "extra_parameters",
     "extract_adapter",
     "find_target_modules",
     "inject_lora",

@@ -13,6 +13,7 @@ substring of a parameter name. Trainable-parameter count is Σ r·(d_in + d_out)
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Iterator
 
 import torch
@@ -47,12 +48,19 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     return names
 
 
+# Attribute names of classification heads on Hugging Face models (PEFT's SEQ_CLS_HEAD_NAMES).
+CLASSIFIER_HEAD_NAMES = ("classifier", "score")
+
+
 def _excluded_from_all_linear(model: nn.Module, config: LoraConfig) -> set[str]:
-    """The output head and modules_to_save subtrees, which "all-linear" leaves alone (as PEFT)."""
+    """Subtrees "all-linear" leaves alone, as PEFT does: the output head (`lm_head`), a
+    classification head (`classifier`/`score`) and the `modules_to_save`."""
     excluded = {name for name, _ in model.named_modules() if name and matches_suffix(name, config.modules_to_save or [])}
     get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    excluded |= {name for name, module in model.named_modules() if head is not None and module is head}
+    heads = [get_head() if callable(get_head) else None]
+    heads += [getattr(model, attr, None) for attr in CLASSIFIER_HEAD_NAMES]
+    heads = [h for h in heads if isinstance(h, nn.Module)]
+    excluded |= {name for name, module in model.named_modules() if name and any(module is h for h in heads)}
     return excluded
 
 
@@ -67,17 +75,17 @@ def inject_lora(model: nn.Module, config: LoraConfig, seed: int | None = 0) -> n
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for name in find_target_modules(model, config):
         base = model.get_submodule(name)
-        alpha = config.alpha_for(name)
+        r, alpha = config.rank_for(name), config.alpha_for(name)
         layer = LoraLinear(
             base,
-            r=config.rank_for(name),
-            alpha=config.r if alpha is None else alpha,
+            r=r,
+            alpha=r if alpha is None else alpha,  # α unset: s = 1
             dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             init=config.init_lora_weights,
             generator=generator,
         )
-        _replace_module(model, name, layer)
+        replace_module(model, name, layer)
     model.lora_config = config
     mark_trainable(model, config)
     return model
@@ -85,21 +93,33 @@ def inject_lora(model: nn.Module, config: LoraConfig, seed: int | None = 0) -> n
 
 def mark_trainable(model: nn.Module, config: LoraConfig) -> None:
     """Freeze everything, then unfreeze LoRA factors, modules_to_save and the chosen biases."""
+    extra = extra_parameters(model, config)
     model.requires_grad_(False)
     for layer in lora_layers(model):
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
-        if config.bias == "lora_only" and layer.base.bias is not None:
-            layer.base.bias.requires_grad_(True)
-    for module in _modules_to_save(model, config).values():
-        module.requires_grad_(True)
+    for param in extra.values():
+        param.requires_grad_(True)
+
+
+def extra_parameters(model: nn.Module, config: LoraConfig) -> dict[str, nn.Parameter]:
+    """What trains besides the factors: parameters of `config.modules_to_save` modules and, per
+    `config.bias`, biases ("all": every module's, "lora_only": the wrapped layers'). Keyed by
+    the parameter's name in the model without LoRA (`...query.bias`, not `...query.base.bias`)."""
+    chosen = [p for module in _modules_to_save(model, config).values() for p in module.parameters()]
     if config.bias == "all":
-        for module in model.modules():
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, nn.Parameter):
-                bias.requires_grad_(True)
-    elif config.bias not in ("none", "lora_only"):
+        biases = (getattr(m, "bias", None) for m in model.modules())
+    elif config.bias == "lora_only":
+        biases = (layer.base.bias for layer in lora_layers(model))
+    elif config.bias == "none":
+        biases = ()
+    else:
         raise LoraAnalysisError(f"bias must be 'none', 'all' or 'lora_only', got {config.bias!r}")
+    chosen += [b for b in biases if isinstance(b, nn.Parameter)]
+    chosen_ids = {id(p) for p in chosen}
+    return {
+        unwrapped_parameter_name(model, name): p for name, p in model.named_parameters() if id(p) in chosen_ids
+    }
 
 
 def _modules_to_save(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
@@ -141,7 +161,7 @@ def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
             layer.merge()
         elif not merge and layer.merged:
             layer.unmerge()
-        _replace_module(model, name, layer.base)
+        replace_module(model, name, layer.base)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
@@ -151,7 +171,8 @@ def extract_adapter(model: nn.Module, config: LoraConfig | None = None) -> Adapt
     """The model's LoRA factors and trained extra tensors as an `Adapter` (detached CPU copies).
 
     Module names are the model's own (e.g. `bert.encoder.layer.0.attention.self.query`).
-    Extra tensors: parameters of `modules_to_save` and, per `config.bias`, trained biases.
+    Extra tensors: `extra_parameters(model, config)` (modules_to_save, biases per `config.bias`).
+    The returned config is a copy; the model's is left as it was.
     """
     config = config or getattr(model, "lora_config", None)
     if config is None:
@@ -166,13 +187,8 @@ def extract_adapter(model: nn.Module, config: LoraConfig | None = None) -> Adapt
         )
         for name, layer in named_lora_layers(model)
     }
-    lora_param_ids = {id(p) for layer in lora_layers(model) for p in (layer.lora_A, layer.lora_B)}
-    extra = {
-        unwrapped_parameter_name(model, name): p.detach().cpu().clone()
-        for name, p in model.named_parameters()
-        if p.requires_grad and id(p) not in lora_param_ids
-    }
-    config.fan_in_fan_out = any(m.fan_in_fan_out for m in modules.values())
+    extra = {name: p.detach().cpu().clone() for name, p in extra_parameters(model, config).items()}
+    config = replace(config, fan_in_fan_out=any(m.fan_in_fan_out for m in modules.values()))
     return Adapter(modules=modules, config=config, extra_tensors=extra, source_format="ours")
 
 
@@ -185,7 +201,7 @@ def unwrapped_parameter_name(model: nn.Module, name: str) -> str:
     return name
 
 
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)

@@ -1,0 +1,93 @@
+"""Data-parallel training with torch.distributed: the same command runs alone or under torchrun.
+
+Under `torchrun --nproc_per_node N` (WORLD_SIZE > 1 in the environment) each process joins
+one process group (NCCL on CUDA, gloo on CPU), trains a DDP replica on its slice of every
+batch, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join the torchrun process group once per process (left at exit); alone → rank 0 of 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def resolve_device(device: str, ctx: DistContext) -> torch.device:
+    """"auto" → this process's CUDA device when present, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", ctx.local_rank)
+    return resolved
+
+
+def all_reduce_sum(values: list[float], ctx: DistContext, device: torch.device) -> list[float]:
+    """Element-wise sum of `values` over all processes (identity when alone)."""
+    if not ctx.enabled:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def gather_to_main(obj: Any, ctx: DistContext) -> list[Any] | None:
+    """[obj of rank 0, rank 1, ...] on rank 0, None elsewhere; [obj] when alone."""
+    if not ctx.enabled:
+        return [obj]
+    gathered = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def scatter_from_main(objs: list[Any] | None, ctx: DistContext) -> Any:
+    """Rank k receives objs[k] from rank 0; objs[0] when alone."""
+    if not ctx.enabled:
+        return objs[0]
+    received = [None]
+    dist.scatter_object_list(received, objs if ctx.is_main else None, src=0)
+    return received[0]
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def is_main_process() -> bool:
+    """True outside a process group and on its rank 0: the process that prints and writes."""
+    return not dist.is_initialized() or dist.get_rank() == 0
