@@ -150,11 +150,14 @@ class RankMetrics:
     numerical_rank: int
 
 
+def rank_tolerance(S: torch.Tensor, dim: int, eps: float) -> float:
+    """dim·eps·σ₁ for descending S (the numpy `matrix_rank` rule)."""
+    return float(dim * eps * S[0]) if S.numel() else 0.0
+
+
 def numerical_rank(S: torch.Tensor, dim: int, eps: float) -> int:
-    """#σ > dim·eps·σ₁ for descending S (the numpy `matrix_rank` rule)."""
-    if S.numel() == 0:
-        return 0
-    return int((S > dim * eps * S[0]).sum())
+    """#σ > `rank_tolerance`."""
+    return int((S > rank_tolerance(S, dim, eps)).sum())
 
 
 def rank_metrics(S: torch.Tensor | np.ndarray, taus: Sequence[float] = DEFAULT_TAUS, tolerance: float = 0.0) -> RankMetrics:
@@ -282,23 +285,26 @@ def _spectra_of_batch(modules: list[LoraModule], device: torch.device, dtype: to
     core_U, S, core_Vh = torch.linalg.svd(core, full_matrices=False)
     eps = torch.finfo(dtype).eps
     dim = max(first.d_out, first.d_in)
-    return [
-        ModuleSpectrum(
-            S=S[i],
-            numerical_rank=numerical_rank(S[i], dim, eps),
-            tolerance=float(dim * eps * S[i, 0]),
-            r=m.r,
-            d_out=m.d_out,
-            d_in=m.d_in,
-            scale=m.scale,
-            alpha_known=m.alpha_known,
-            fan_in_fan_out=m.fan_in_fan_out,
-            Q_B=Q_B[i],
-            R_B=R_B[i],
-            Q_A=Q_A[i],
-            R_A=R_A[i],
-            core_U=core_U[i],
-            core_V=core_Vh[i].mT,
+    spectra = []
+    for i, m in enumerate(modules):
+        tolerance = rank_tolerance(S[i], dim, eps)
+        spectra.append(
+            ModuleSpectrum(
+                S=S[i],
+                numerical_rank=int((S[i] > tolerance).sum()),
+                tolerance=tolerance,
+                r=m.r,
+                d_out=m.d_out,
+                d_in=m.d_in,
+                scale=m.scale,
+                alpha_known=m.alpha_known,
+                fan_in_fan_out=m.fan_in_fan_out,
+                Q_B=Q_B[i],
+                R_B=R_B[i],
+                Q_A=Q_A[i],
+                R_A=R_A[i],
+                core_U=core_U[i],
+                core_V=core_Vh[i].mT,
+            )
         )
-        for i, m in enumerate(modules)
-    ]
+    return spectra
