@@ -6,9 +6,10 @@ Generates (once, cached under --data) two synthetic PEFT-layout adapters: 32 lay
 q,k,v,o (4096×4096), gate/up (11008×4096), down (4096×11008), r = 64, fp16, ~320 MB each.
 Each phase runs in a fresh subprocess so its peak memory is its own:
 
-- floor: read each factor lazily (safetensors), one QR of B and of Aᵀ, one r×r SVD, nothing else
-- ours: `iter_spectra` on the same lazy stream + `rank_metrics` per module (U, V not formed)
-- ours+UV: the same, also forming U and V of every module
+- spectrum: interleaved passes (fastest of --repeat reported) of
+  floor: read each factor lazily (safetensors), one QR of B and of Aᵀ, one r×r SVD, nothing else;
+  ours: `iter_spectra` on the same lazy stream + rank metrics per module (U, V not formed);
+  ours+UV: the same, also forming U and V of every module
 - in-memory: `adapter_spectra` on a fully loaded Adapter (not counting the load)
 - naive: materialize ΔW + torch.linalg.svd on one module of each shape, extrapolated to all 224
 - phi: `compare_adapters` of the two adapters (224 pairs of 64×64 grids), bases "A" and "dW-left"
@@ -33,7 +34,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_analysis import Adapter, LoraModule  # noqa: E402
-from lora_analysis.analysis import adapter_spectra, compare_adapters, iter_spectra, rank_metrics  # noqa: E402
+from lora_analysis.analysis import adapter_spectra, compare_adapters, iter_spectra  # noqa: E402
 
 LAYERS, HIDDEN, INTERMEDIATE, RANK, ALPHA = 32, 4096, 11008, 64, 16.0
 SHAPES = {  # module → (d_out, d_in)
@@ -96,62 +97,69 @@ class PeakMemory:
         self.peak = max(self.peak, private_memory_mb() - self.base)
 
 
-def best_of(repeat: int, run) -> tuple[float, object]:
-    """(fastest wall time, last result) of `repeat` calls of run()."""
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = run()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times), result
-
-
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def phase_floor(data: Path, device: str, repeat: int) -> dict:
-    memory = PeakMemory()
-
-    def run():
-        for _, m in lazy_modules(adapter_path(data, 0)):
-            _, R_B = torch.linalg.qr(m.B.to(device, torch.float32))
-            _, R_A = torch.linalg.qr(m.A.to(device, torch.float32).T)
-            torch.linalg.svd((R_B.double() @ R_A.double().T).cpu())
-            memory.sample()
-
-    seconds, _ = best_of(repeat, run)
-    return {"seconds": seconds, "private_mb": memory.peak}
+def floor_pass(path: Path, device: str, memory: PeakMemory) -> None:
+    """The bare minimum: load, one QR of B and of Aᵀ, one r×r SVD per module."""
+    for _, m in lazy_modules(path):
+        _, R_B = torch.linalg.qr(m.B.to(device, torch.float32))
+        _, R_A = torch.linalg.qr(m.A.to(device, torch.float32).T)
+        torch.linalg.svd((R_B.double() @ R_A.double().T).cpu())
+        memory.sample()
 
 
-def phase_ours(data: Path, device: str, repeat: int, form_vectors: bool = False) -> dict:
-    memory = PeakMemory()
+def ours_pass(path: Path, device: str, memory: PeakMemory, form_vectors: bool = False) -> dict:
+    """Our spectra and rank metrics of every module; U and V formed only if asked."""
+    metrics = {}
+    for name, spectrum in iter_spectra(lazy_modules(path), device=device):
+        metrics[name] = spectrum.metrics()
+        if form_vectors:
+            spectrum.U, spectrum.V  # noqa: B018 — formed on access
+        memory.sample()
+    return metrics
 
-    def run():
-        metrics = {}
-        for name, spectrum in iter_spectra(lazy_modules(adapter_path(data, 0)), device=device):
-            metrics[name] = rank_metrics(spectrum.S, tolerance=spectrum.tolerance)
-            if form_vectors:
-                spectrum.U, spectrum.V  # noqa: B018 — formed on access
-            memory.sample()
-        return metrics
 
-    seconds, metrics = best_of(repeat, run)
-    ranks = sorted({m.numerical_rank for m in metrics.values()})
-    return {"seconds": seconds, "private_mb": memory.peak, "modules": len(metrics), "numerical_ranks": ranks}
+def phase_spectrum(data: Path, device: str, repeat: int) -> dict:
+    """floor, ours and ours+UV passes interleaved, so a busy shared machine slows all alike."""
+    path = adapter_path(data, 0)
+    passes = {
+        "floor": lambda memory: floor_pass(path, device, memory),
+        "ours": lambda memory: ours_pass(path, device, memory),
+        "ours+UV": lambda memory: ours_pass(path, device, memory, form_vectors=True),
+    }
+    seconds = {name: [] for name in passes}
+    peak_mb = dict.fromkeys(passes, 0.0)
+    for _ in range(repeat):
+        for name, run in passes.items():
+            memory = PeakMemory()
+            start = time.perf_counter()
+            result = run(memory)
+            synchronize()
+            seconds[name].append(time.perf_counter() - start)
+            peak_mb[name] = max(peak_mb[name], memory.peak)
+    ranks = sorted({m.numerical_rank for m in result.values()})
+    return {
+        "seconds": {name: min(times) for name, times in seconds.items()},
+        "all_seconds": seconds,
+        "private_mb": peak_mb,
+        "ratio_ours_to_floor": min(seconds["ours"]) / min(seconds["floor"]),
+        "numerical_ranks": ranks,
+    }
 
 
 def phase_in_memory(data: Path, device: str, repeat: int) -> dict:
     adapter = Adapter(dict(lazy_modules(adapter_path(data, 0))))
 
-    def run():
-        spectra = adapter_spectra(adapter, progress=False, device=device)
-        return {name: s.metrics() for name, s in spectra.items()}
-
-    seconds, metrics = best_of(repeat, run)
-    return {"seconds": seconds, "modules": len(metrics)}
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        metrics = {name: s.metrics() for name, s in adapter_spectra(adapter, progress=False, device=device).items()}
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return {"seconds": min(times), "modules": len(metrics)}
 
 
 def phase_naive(data: Path, device: str, repeat: int) -> dict:
@@ -177,10 +185,16 @@ def phase_phi(data: Path, device: str, repeat: int) -> dict:
     spectra = [dict(iter_spectra(lazy_modules(adapter_path(data, seed)), device=device)) for seed in (0, 1)]
     result = {}
     for basis in ("A", "dW-left"):
-        # Fresh spectra each time: the A basis (an r×r SVD and rotation) is part of the cost.
-        seconds, comparison = best_of(repeat, lambda: compare_adapters(_fresh(spectra[0]), _fresh(spectra[1]), basis=basis))
+        times = []
+        for _ in range(repeat):
+            # Fresh spectra each time: the A basis (an r×r SVD per module) is part of the cost.
+            fresh = [_fresh(s) for s in spectra]
+            start = time.perf_counter()
+            comparison = compare_adapters(fresh[0], fresh[1], basis=basis)
+            synchronize()
+            times.append(time.perf_counter() - start)
         result[basis] = {
-            "seconds": seconds,
+            "seconds": min(times),
             "pairs": len(comparison.modules),
             "grid": list(next(iter(comparison.modules.values())).grid.shape),
             "mean_phi_11": sum(c.phi_11 for c in comparison.modules.values()) / len(comparison.modules),
@@ -194,9 +208,7 @@ def _fresh(spectra: dict) -> dict:
 
 
 PHASES = {
-    "floor": phase_floor,
-    "ours": phase_ours,
-    "ours+UV": lambda data, device, repeat: phase_ours(data, device, repeat, form_vectors=True),
+    "spectrum": phase_spectrum,
     "in-memory": phase_in_memory,
     "naive": phase_naive,
     "phi": phase_phi,
@@ -218,8 +230,10 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=sorted(PHASES), help="phases to leave out")
     args = parser.parse_args()
     if args.phase:
+        rss_after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result = PHASES[args.phase](args.data, args.device, args.repeat)
         result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["rss_after_imports_mb"] = rss_after_imports
         print(json.dumps(result))
         return
     for seed in (0, 1):

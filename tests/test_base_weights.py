@@ -59,8 +59,8 @@ def test_gpt2_conv1d_weights_are_transposed_to_linear_orientation(tiny_gpt2, tmp
         if hasattr(layer, "lora_B"):
             torch.nn.init.normal_(layer.lora_B, generator=torch.Generator().manual_seed(1))
     adapter = extract_adapter(model)
-    tiny_gpt2_base = BaseWeights(model)  # LoRA-wrapped layers give their frozen base weight
-    before = {name: tiny_gpt2_base.weight(name, adapter[name]) for name in adapter}
+    in_memory = BaseWeights(model)  # LoRA-wrapped layers give their frozen base weight
+    before = {name: in_memory.weight(name, adapter[name]) for name in adapter}
     from_file = BaseWeights(tmp_path)
     merge_lora(model)
     shapes = set()

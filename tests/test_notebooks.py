@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nbformat
@@ -19,6 +20,8 @@ def test_notebook_runs(name, quick_reproduction, tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_ANALYSIS_RUN_DIR", str(config.run_dir))
     monkeypatch.setenv("LORA_ANALYSIS_OUT", str(tmp_path / "out"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    # the kernel is another process: let it import this checkout even when it is not installed
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(NOTEBOOKS.parent), os.environ.get("PYTHONPATH")])))
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "store notebooks without outputs"
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()

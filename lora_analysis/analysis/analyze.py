@@ -93,23 +93,33 @@ def analyze_adapter(
         result = ModuleAnalysis(name, spectrum, spectrum.metrics(taus))
         if base is not None:
             want_intruders = intruders if intruders is not None else min(spectrum.shape) <= exact_max_dim
-            if not want_intruders:
+            if intruders is None and not want_intruders:
                 skipped.append(name)
             W = base.weight(name, adapter[name]).to(spectrum.Q_B)
-            svd_options = dict(exact_max_dim=exact_max_dim, cache=cache, cache_dir=cache_dir)
-            k = None if want_intruders else max(weight_k, spectrum.numerical_rank)
-            weight_spectrum = weight_svd(W, k, **svd_options)
-            result.weight_spectrum = weight_spectrum.top(max(weight_k, spectrum.numerical_rank))
-            result.projection = projection_norms(spectrum, W, weight_spectrum=weight_spectrum)
-            result.phi_vs_weight = phi_vs_weight(spectrum, result.weight_spectrum.top(weight_k))
-            if want_intruders:
-                result.intruders = intruder_dimensions(
-                    spectrum, W, intruder_k, intruder_epsilon, weight_spectrum, exact_max_dim=exact_max_dim
-                )
+            _compare_with_weight(
+                result, W, weight_k, want_intruders, intruder_k, intruder_epsilon,
+                dict(exact_max_dim=exact_max_dim, cache=cache, cache_dir=cache_dir),
+            )
         analysis.modules[name] = result
-    if skipped and intruders is None:
+    if skipped:
         analysis.notes.append(
             f"intruder dimensions skipped for {len(skipped)} module(s) with min(d_out, d_in) > "
             f"{exact_max_dim} (they need W's full SVD): pass intruders=True to compute them"
         )
     return analysis
+
+
+def _compare_with_weight(
+    result: ModuleAnalysis, W: torch.Tensor, weight_k: int, intruders: bool, intruder_k: int, intruder_epsilon: float, svd_options: dict
+) -> None:
+    """Fill `result`'s analyses against W: (d_out, d_in), from one (cached) SVD of W."""
+    spectrum = result.spectrum
+    k = max(weight_k, spectrum.numerical_rank)
+    weight_spectrum = weight_svd(W, None if intruders else k, **svd_options)
+    result.weight_spectrum = weight_spectrum.top(k)
+    result.projection = projection_norms(spectrum, W, weight_spectrum=weight_spectrum)
+    result.phi_vs_weight = phi_vs_weight(spectrum, weight_spectrum.top(weight_k))
+    if intruders:
+        result.intruders = intruder_dimensions(
+            spectrum, W, intruder_k, intruder_epsilon, weight_spectrum, exact_max_dim=svd_options["exact_max_dim"]
+        )

@@ -13,7 +13,7 @@ E‖U_iᵀU_j‖²_F = ij/d, so E[φ(i, j)] = max(i, j)/d.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -226,7 +226,7 @@ class LayerComparison:
     names: list[str]
     phi_11: np.ndarray
     top_k_mean: np.ndarray
-    basis: str = field(default="A")
+    basis: str
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")

@@ -118,10 +118,10 @@ class ModuleSpectrum:
             return Basis(self.Q_B, self.core_U, self.S, self.numerical_rank, kind)
         if kind == "dW-right":
             return Basis(self.Q_A, self.core_V, self.S, self.numerical_rank, kind)
-        if kind == "A":  # A = R_Aᵀ Q_Aᵀ; R_Aᵀ = P Σ Wᵀ  ⇒  right vectors of A: Q_A W
-            _, sv, wh = torch.linalg.svd(self.R_A.T, full_matrices=False)
-            return Basis(self.Q_A, wh.T, sv, numerical_rank(sv, max(self.r, self.d_in), self.eps), kind)
-        if kind == "B":  # B = Q_B R_B; R_B = P Σ Wᵀ  ⇒  left vectors of B: Q_B P
+        if kind == "A":  # A = R_Aᵀ Q_Aᵀ; R_Aᵀ = P Σ Tᵀ  ⇒  right vectors of A: Q_A T
+            _, sv, th = torch.linalg.svd(self.R_A.T, full_matrices=False)
+            return Basis(self.Q_A, th.T, sv, numerical_rank(sv, max(self.r, self.d_in), self.eps), kind)
+        if kind == "B":  # B = Q_B R_B; R_B = P Σ Tᵀ  ⇒  left vectors of B: Q_B P
             p, sv, _ = torch.linalg.svd(self.R_B, full_matrices=False)
             return Basis(self.Q_B, p, sv, numerical_rank(sv, max(self.r, self.d_out), self.eps), kind)
         raise LoraAnalysisError(f"unknown basis {kind!r}: use one of {', '.join(BASIS_KINDS)}")
@@ -150,11 +150,14 @@ class RankMetrics:
     numerical_rank: int
 
 
+def rank_tolerance(S: torch.Tensor, dim: int, eps: float) -> float:
+    """dim·eps·σ₁ for descending S (the numpy `matrix_rank` rule)."""
+    return float(dim * eps * S[0]) if S.numel() else 0.0
+
+
 def numerical_rank(S: torch.Tensor, dim: int, eps: float) -> int:
-    """#σ > dim·eps·σ₁ for descending S (the numpy `matrix_rank` rule)."""
-    if S.numel() == 0:
-        return 0
-    return int((S > dim * eps * S[0]).sum())
+    """#σ > `rank_tolerance`."""
+    return int((S > rank_tolerance(S, dim, eps)).sum())
 
 
 def rank_metrics(S: torch.Tensor | np.ndarray, taus: Sequence[float] = DEFAULT_TAUS, tolerance: float = 0.0) -> RankMetrics:
@@ -198,8 +201,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def module_spectrum(
     module: LoraModule, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32
 ) -> ModuleSpectrum:
-    """Exact thin SVD of one module's ΔW (see module docstring)."""
-    return _spectra_of_batch([module], resolve_device(device), dtype)[0]
+    """Exact thin SVD of one module's ΔW (see module docstring); dtype: float32 or float64 QR."""
+    return next(iter_spectra([("module", module)], device, dtype))[1]
 
 
 def iter_spectra(
@@ -240,9 +243,19 @@ def _shape_key(m: LoraModule) -> tuple:
 
 
 def _flush(batch: list[tuple[str, LoraModule]], device: torch.device, dtype: torch.dtype):
-    if batch:
-        names = [name for name, _ in batch]
-        yield from zip(names, _spectra_of_batch([m for _, m in batch], device, dtype))
+    if not batch:
+        return
+    try:
+        spectra = _spectra_of_batch([m for _, m in batch], device, dtype)
+    except torch.linalg.LinAlgError:
+        spectra = None
+    if spectra is None or not all(torch.isfinite(s.S).all() for s in spectra):
+        # Only on failure: find the culprit rather than scanning every factor up front.
+        for name, m in batch:
+            if not (torch.isfinite(m.A).all() and torch.isfinite(m.B).all()):
+                raise LoraAnalysisError(f"module {name}: LoRA factors contain NaN or Inf")
+        raise LoraAnalysisError(f"SVD failed for modules {[name for name, _ in batch]}")
+    yield from zip((name for name, _ in batch), spectra)
 
 
 def _compute_dtype(module: LoraModule, dtype: torch.dtype) -> torch.dtype:
@@ -272,23 +285,26 @@ def _spectra_of_batch(modules: list[LoraModule], device: torch.device, dtype: to
     core_U, S, core_Vh = torch.linalg.svd(core, full_matrices=False)
     eps = torch.finfo(dtype).eps
     dim = max(first.d_out, first.d_in)
-    return [
-        ModuleSpectrum(
-            S=S[i],
-            numerical_rank=numerical_rank(S[i], dim, eps),
-            tolerance=float(dim * eps * S[i, 0]),
-            r=m.r,
-            d_out=m.d_out,
-            d_in=m.d_in,
-            scale=m.scale,
-            alpha_known=m.alpha_known,
-            fan_in_fan_out=m.fan_in_fan_out,
-            Q_B=Q_B[i],
-            R_B=R_B[i],
-            Q_A=Q_A[i],
-            R_A=R_A[i],
-            core_U=core_U[i],
-            core_V=core_Vh[i].mT,
+    spectra = []
+    for i, m in enumerate(modules):
+        tolerance = rank_tolerance(S[i], dim, eps)
+        spectra.append(
+            ModuleSpectrum(
+                S=S[i],
+                numerical_rank=int((S[i] > tolerance).sum()),
+                tolerance=tolerance,
+                r=m.r,
+                d_out=m.d_out,
+                d_in=m.d_in,
+                scale=m.scale,
+                alpha_known=m.alpha_known,
+                fan_in_fan_out=m.fan_in_fan_out,
+                Q_B=Q_B[i],
+                R_B=R_B[i],
+                Q_A=Q_A[i],
+                R_A=R_A[i],
+                core_U=core_U[i],
+                core_V=core_Vh[i].mT,
+            )
         )
-        for i, m in enumerate(modules)
-    ]
+    return spectra
