@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_fixtures import save_tiny_bert, save_tiny_gpt2, write_corpus_txt, write_sentiment_csv
+from training_fixtures import adapter_bytes, save_tiny_bert, save_tiny_gpt2, write_corpus_txt, write_sentiment_csv
 
 from lora_analysis import LoraAnalysisError, TrainConfig, load_adapter, train
 from lora_analysis.lora import lora_layers
@@ -40,14 +40,6 @@ def bert_config(assets, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def adapter_bytes(directory: Path) -> tuple[str, bytes]:
-    """The adapter file as (header JSON with sorted keys, tensor bytes).
-
-    Byte-for-byte except for the order of the header's metadata keys, which safetensors writes
-    from a Rust HashMap in random order (a save_adapter matter, not the training's)."""
-    raw = (directory / "adapter_model.safetensors").read_bytes()
-    size = int.from_bytes(raw[:8], "little")
-    return json.dumps(json.loads(raw[8 : 8 + size]), sort_keys=True), raw[8 + size :]
 
 
 def test_bert_classification_learns_and_only_lora_and_head_change(assets):
@@ -229,3 +221,24 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert stderr.strip().splitlines() == [f"lora-analysis: error: {bad}:3: expected 2 fields, got 1"]
+
+
+@pytest.mark.integration
+def test_minilm_on_rotten_tomatoes_a_few_steps(tmp_path):
+    """The built-in defaults end to end: real MiniLM, real Rotten Tomatoes, PEFT reads the output."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification
+
+    from lora_analysis.assets import asset_path
+
+    result = train(steps=3, batch_size=8, val_fraction=0.02, output_dir=tmp_path, progress=False)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["examples"]["train"] + metrics["examples"]["validation"] == 12808
+    assert metrics["label_names"] == ["rotten", "fresh"] and 0 <= metrics["final"]["val_accuracy"] <= 1
+    assert metrics["parameters"]["lora"] == 2 * 12 * 384 * 8  # 6 layers × {query, value}, d = 384, r = 8
+    assert len(result.adapter) == 12 and all(name.startswith("bert.encoder.layer.") for name in result.adapter)
+
+    base = AutoModelForSequenceClassification.from_pretrained(asset_path("minilm"), num_labels=2, local_files_only=True)
+    model = peft.PeftModel.from_pretrained(base, tmp_path)
+    load = model.load_adapter(tmp_path, adapter_name="check")
+    assert load.unexpected_keys == [] and [k for k in load.missing_keys if "check" in k] == []

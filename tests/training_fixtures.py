@@ -4,6 +4,7 @@ directory, exactly as a user's local model would be, with a word-level tokenizer
 from __future__ import annotations
 
 import csv
+import json
 import random
 from pathlib import Path
 
@@ -73,3 +74,13 @@ def write_corpus_txt(path: Path, n: int = 120, seed: int = 0) -> Path:
     lines = [" ".join(FILLER[(start + k) % len(FILLER)] for k in range(8)) for start in (rng.randrange(len(FILLER)) for _ in range(n))]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def adapter_bytes(directory: Path) -> tuple[str, bytes]:
+    """The adapter file as (header JSON with sorted keys, tensor bytes).
+
+    Byte-for-byte except for the order of the header's metadata keys, which safetensors writes
+    from a Rust HashMap in random order (a save_adapter matter, not the training's)."""
+    raw = (directory / "adapter_model.safetensors").read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    return json.dumps(json.loads(raw[8 : 8 + size]), sort_keys=True), raw[8 + size :]

@@ -109,8 +109,9 @@ class LoraLinear(nn.Module):
         h = self.dropout(x)
         if not torch.is_autocast_enabled(h.device.type):
             h = h.to(self.lora_A.dtype)
-        lora = F.linear(F.linear(h, self.lora_A), self.lora_B)
-        return out + (self.scale * lora).to(out.dtype)
+        # Scale the (…, r) intermediate, not the (…, d_out) output: r ≪ d_out elements to touch.
+        lora = F.linear(F.linear(h, self.lora_A) * self.scale, self.lora_B)
+        return out + lora.to(out.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -50,7 +50,7 @@ class TrainConfig:
     r: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
@@ -69,6 +69,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
+        # Paths are kept as strings so the config is JSON (metrics.json, manifest.json).
+        self.model, self.data = str(self.model), str(self.data)
         if self.output_dir is not None:
             self.output_dir = str(self.output_dir)
         self.validate()

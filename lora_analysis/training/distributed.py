@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import LoraAnalysisError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -50,7 +52,12 @@ def resolve_device(device: str, ctx: DistContext) -> torch.device:
     """"auto" → this process's CUDA device when present, else the CPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise LoraAnalysisError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise LoraAnalysisError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", ctx.local_rank)
     return resolved

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..adapters import Adapter
+from ..adapters import Adapter, load_adapter, save_adapter
 from ..config import LoraConfig
 from ..errors import LoraAnalysisError
 from ..fileio import atomic_write_text
@@ -81,8 +81,6 @@ def load_finished(output_dir: Path, config: TrainConfig) -> TrainResult | None:
     if not metrics.get("completed"):
         return None
     check_recipe(metrics_path, TrainConfig.from_dict(metrics["config"]).recipe(), config.recipe())
-    from ..adapters import load_adapter
-
     return TrainResult(load_adapter(output_dir), metrics, output_dir, "finished")
 
 
@@ -117,8 +115,12 @@ class _Run:
 
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_then_linear_decay(config.warmup_steps, config.steps))
-        self.forward_model = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else self.model
+        schedule = warmup_then_linear_decay(config.warmup_steps, config.steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.forward_model = self.model
+        if ctx.enabled:
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
         torch.manual_seed(config.seed + ctx.rank)  # dropout stream, distinct per DDP rank
         self.step = 0
         self.progress: dict[str, Any] = {"train_loss": [], "evals": [], "wall_time_s": 0.0}
@@ -266,8 +268,6 @@ class _Run:
         adapter = extract_adapter(self.model, self.lora_config)
         metrics = self._metrics(adapter)
         if self.ctx.is_main and self.output_dir is not None:
-            from ..adapters import save_adapter
-
             save_adapter(adapter, self.output_dir)
             atomic_write_text(self.output_dir / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
             self.checkpoint_path.unlink(missing_ok=True)
