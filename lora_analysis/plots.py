@@ -46,13 +46,6 @@ class PhiPanel:
     dim: int | None = None
 
 
-def chance_level(n_i: int, n_j: int, dim: int) -> np.ndarray:
-    """E[φ(i, j)] = max(i, j)/d for independent uniformly random subspaces, (n_i, n_j)."""
-    i = np.arange(1, n_i + 1)[:, None]
-    j = np.arange(1, n_j + 1)[None, :]
-    return np.maximum(i, j) / dim
-
-
 def _ticks(n: int, max_ticks: int = 5) -> np.ndarray:
     """1-based tick positions: every index up to 8, else about `max_ticks` at a round step
     (more would collide on a panel sized for a paper column)."""

@@ -43,11 +43,6 @@ def test_phi_figure_needs_panels():
         plots.phi_figure([])
 
 
-def test_chance_level_closed_form():
-    chance = plots.chance_level(2, 3, 10)
-    np.testing.assert_allclose(chance, [[0.1, 0.2, 0.3], [0.2, 0.2, 0.3]])
-
-
 def test_spectra_figure_normalized_lines_per_module():
     spectra = {
         "q": [{"label": "layer 0", "layer": 0, "values": [4.0, 2.0, 1.0]},
