@@ -32,3 +32,14 @@ def tiny_gpt2():
 @pytest.fixture
 def token_ids():
     return torch.randint(0, 100, (3, 11), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def quick_reproduction(tmp_path_factory):
+    """One `reproduce --quick` run (MiniLM + Rotten Tomatoes, 4 steps per cell), shared by the
+    reproduction, CLI and notebook tests: (config, results)."""
+    from lora_analysis.reproduce import ReproduceConfig, reproduce
+
+    root = tmp_path_factory.mktemp("reproduce")
+    config = ReproduceConfig(quick=True, out=root / "figures", run_dir=root / "runs", progress=False)
+    return config, reproduce(config, command="lora-analysis reproduce --quick")

@@ -204,3 +204,21 @@ def test_extract_adapter_copies_config(tiny_gpt2):
     adapter = extract_adapter(inject_lora(tiny_gpt2, config))
     assert adapter.config.fan_in_fan_out and not config.fan_in_fan_out
     assert all(m.fan_in_fan_out for m in adapter.modules.values())
+
+
+def test_ranks_start_from_independent_subspaces(tiny_bert):
+    """r = 8 and r = 64 adapters of one seed must not share A's init, or φ(A_8, A_64) would
+    measure the shared random stream instead of what training learned."""
+    import copy
+
+    from lora_analysis import LoraConfig, inject_lora
+
+    def first_A(r):
+        model = inject_lora(copy.deepcopy(tiny_bert), LoraConfig(r=r, target_modules=["query"]), seed=0)
+        return model.bert.encoder.layer[0].attention.self.query.lora_A.detach().double()
+
+    A4, A16 = first_A(4), first_A(16)
+    assert not torch.equal(A4, A16[:4])
+    # φ(4, 16) of the row spaces: chance E = 16/d = 0.5 (d = 32); a shared stream gives 1
+    Q4, Q16 = torch.linalg.qr(A4.T).Q, torch.linalg.qr(A16.T).Q
+    assert float((Q4.T @ Q16).pow(2).sum() / 4) < 0.9

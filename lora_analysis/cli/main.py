@@ -12,10 +12,11 @@ import argparse
 import importlib
 import sys
 import traceback
+import warnings
 
 from ..errors import LoraAnalysisError
 
-SUBCOMMANDS: list[str] = ["train"]  # module names under lora_analysis.cli, e.g. "analyze"
+SUBCOMMANDS: list[str] = ["train", "analyze", "reproduce"]  # modules under lora_analysis.cli; each registers its subcommands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    with warnings.catch_warnings():  # restored on return: main() may run inside a notebook or test
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except LoraAnalysisError as err:
@@ -59,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"lora-analysis: unexpected error ({type(err).__name__}): {err}; rerun with --debug", file=sys.stderr)
         return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings for CLI users: one line on stderr, no source location."""
+    print(f"lora-analysis: warning: {message}", file=file or sys.stderr)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ substring of a parameter name. Trainable-parameter count is Σ r·(d_in + d_out)
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import replace
 from typing import Iterator
@@ -69,10 +70,12 @@ def inject_lora(model: nn.Module, config: LoraConfig, seed: int | None = 0) -> n
 
     Trainable afterwards: every lora_A/lora_B, the parameters of `config.modules_to_save`
     modules, and biases per `config.bias` ("all", or "lora_only" for the wrapped layers).
-    `seed` seeds one CPU generator that initialises the layers in model order, so the same
-    seed gives identical factors. The config is kept as `model.lora_config`.
+    Each layer's A is drawn from its own CPU generator seeded by (seed, module name, r): the
+    same seed gives identical factors, and adapters of different ranks start from independent
+    subspaces (one shared stream would make A_{r=8} the first rows of A_{r=64} in the first
+    layer, and φ between them would measure the shared init). The config is kept as
+    `model.lora_config`.
     """
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for name in find_target_modules(model, config):
         base = model.get_submodule(name)
         r, alpha = config.rank_for(name), config.alpha_for(name)
@@ -83,12 +86,18 @@ def inject_lora(model: nn.Module, config: LoraConfig, seed: int | None = 0) -> n
             dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             init=config.init_lora_weights,
-            generator=generator,
+            generator=None if seed is None else module_generator(seed, name, r),
         )
         replace_module(model, name, layer)
     model.lora_config = config
     mark_trainable(model, config)
     return model
+
+
+def module_generator(seed: int, module_name: str, r: int) -> torch.Generator:
+    """A CPU generator for one module's init, independent across modules, ranks and seeds."""
+    digest = hashlib.sha256(f"{seed}:{module_name}:{r}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def mark_trainable(model: nn.Module, config: LoraConfig) -> None:

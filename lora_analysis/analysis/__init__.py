@@ -1,0 +1,85 @@
+"""The analyses of Section 7 of the LoRA paper, on the factors.
+
+- spectrum: exact thin SVD of ΔW = s·B·A per module (`module_spectrum`, `adapter_spectra`,
+  `iter_spectra` → `ModuleSpectrum`), rank metrics (`rank_metrics` → `RankMetrics`).
+- similarity: φ grids (`subspace_similarity`), bases "A" / "B" / "dW-left" / "dW-right"
+  (`ModuleSpectrum.basis`), comparisons of modules, adapters and layers, chance level.
+- projection: W's SVD (`weight_svd`, cached), Table 7 (`projection_norms`), Figure 8 (`phi_vs_weight`).
+- intruders: intruder dimensions of W + ΔW (`intruder_dimensions`).
+- analyze: `analyze_adapter`, everything per module for reports.
+"""
+
+from .analyze import AdapterAnalysis, ModuleAnalysis, analyze_adapter
+from .intruders import Intruders, intruder_dimensions
+from .projection import (
+    ProjectionNorms,
+    WeightSpectrum,
+    default_cache_dir,
+    phi_vs_weight,
+    projection_norms,
+    weight_svd,
+)
+from .similarity import (
+    AdapterComparison,
+    Comparison,
+    LayerComparison,
+    chance_level,
+    compare_adapters,
+    compare_bases,
+    compare_layers,
+    compare_modules,
+    principal_angles,
+    random_basis,
+    random_reference_grid,
+    seeded_generator,
+    subspace_similarity,
+)
+from .spectrum import (
+    BASIS_KINDS,
+    DEFAULT_TAUS,
+    Basis,
+    BasisKind,
+    ModuleSpectrum,
+    RankMetrics,
+    adapter_spectra,
+    iter_spectra,
+    module_spectrum,
+    rank_metrics,
+)
+
+__all__ = [
+    "BASIS_KINDS",
+    "DEFAULT_TAUS",
+    "AdapterAnalysis",
+    "AdapterComparison",
+    "Basis",
+    "BasisKind",
+    "Comparison",
+    "Intruders",
+    "LayerComparison",
+    "ModuleAnalysis",
+    "ModuleSpectrum",
+    "ProjectionNorms",
+    "RankMetrics",
+    "WeightSpectrum",
+    "adapter_spectra",
+    "analyze_adapter",
+    "chance_level",
+    "compare_adapters",
+    "compare_bases",
+    "compare_layers",
+    "compare_modules",
+    "default_cache_dir",
+    "intruder_dimensions",
+    "iter_spectra",
+    "module_spectrum",
+    "phi_vs_weight",
+    "principal_angles",
+    "projection_norms",
+    "random_basis",
+    "random_reference_grid",
+    "rank_metrics",
+    "seeded_generator",
+    "subspace_similarity",
+    "weight_svd",
+]

@@ -1,0 +1,279 @@
+"""Normalized subspace similarity φ (Hu et al. 2021, Eq. 4) between adapters, modules and layers.
+
+    φ(U₁, U₂, i, j) = ‖U₁⁽ⁱ⁾ᵀ U₂⁽ʲ⁾‖²_F / min(i, j) ∈ [0, 1]
+
+with U⁽ⁱ⁾ the top-i singular vectors. All (i, j) at once from one product M = U₁ᵀU₂ and 2-D
+cumulative sums of M ∘ M. Grids are 0-based: grid[i - 1, j - 1] = φ(i, j); entries beyond
+either numerical rank are NaN (those directions are arbitrary).
+
+Chance level: for independent uniformly random subspaces of dims i, j in Rᵈ,
+E‖U_iᵀU_j‖²_F = ij/d, so E[φ(i, j)] = max(i, j)/d.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..adapters import Adapter
+from ..errors import LoraAnalysisError
+from ..naming import strip_known_prefixes
+from .spectrum import Basis, BasisKind, ModuleSpectrum, adapter_spectra
+
+Spectra = Mapping[str, ModuleSpectrum]
+
+
+def subspace_similarity(
+    U1: torch.Tensor | np.ndarray,
+    U2: torch.Tensor | np.ndarray,
+    rank1: int | None = None,
+    rank2: int | None = None,
+) -> np.ndarray:
+    """φ grid of two orthonormal bases U1: (d, k1), U2: (d, k2) → (k1, k2) float64.
+
+    grid[i-1, j-1] = φ(i, j); NaN where i > rank1 or j > rank2 (ranks default to k1, k2).
+    """
+    U1, U2 = _as_tensor(U1), _as_tensor(U2)
+    if U1.ndim != 2 or U2.ndim != 2 or U1.shape[0] != U2.shape[0]:
+        raise LoraAnalysisError(f"φ needs bases (d, k1) and (d, k2) of one space, got {tuple(U1.shape)} and {tuple(U2.shape)}")
+    return phi_grid(_cross_product(U1, U2), rank1, rank2)
+
+
+def phi_grid(M: np.ndarray, rank1: int | None = None, rank2: int | None = None) -> np.ndarray:
+    """φ grid from the cross product M = U1ᵀU2: (k1, k2) (see `subspace_similarity`)."""
+    k1, k2 = M.shape
+    cumulative = np.cumsum(np.cumsum(M * M, axis=0), axis=1)
+    i, j = np.arange(1, k1 + 1)[:, None], np.arange(1, k2 + 1)[None, :]
+    grid = np.clip(cumulative / np.minimum(i, j), 0.0, 1.0)
+    grid[(i > _rank(rank1, k1)) | (j > _rank(rank2, k2))] = np.nan
+    return grid
+
+
+def _cross_product(U1: torch.Tensor, U2: torch.Tensor) -> np.ndarray:
+    """U1ᵀU2 in float64 (the d-sized product in the inputs' common dtype, at least float32)."""
+    dtype = torch.promote_types(torch.promote_types(U1.dtype, U2.dtype), torch.float32)
+    return (U1.to(dtype).T @ U2.to(device=U1.device, dtype=dtype)).double().cpu().numpy()
+
+
+def principal_angles(U1: torch.Tensor | np.ndarray, U2: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Principal angles (radians, ascending) between span(U1) and span(U2), orthonormal columns."""
+    return _angles(_cross_product(_as_tensor(U1), _as_tensor(U2)))
+
+
+def _angles(M: np.ndarray) -> np.ndarray:
+    """arccos of the singular values of the cross product M = U1ᵀU2."""
+    if 0 in M.shape:
+        return np.zeros(0)
+    return np.arccos(np.clip(np.linalg.svd(M, compute_uv=False), 0.0, 1.0))
+
+
+def chance_level(k1: int, k2: int, d: int) -> np.ndarray:
+    """Expected φ(i, j) of independent uniformly random subspaces in Rᵈ: (k1, k2), max(i, j)/d."""
+    i, j = np.arange(1, k1 + 1)[:, None], np.arange(1, k2 + 1)[None, :]
+    return np.maximum(i, j) / d
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator for `seed`, scrambled through numpy's SeedSequence: torch's generators
+    seeded with consecutive small integers give measurably correlated first draws."""
+    state = np.random.SeedSequence(seed).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def random_basis(d: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Uniformly random orthonormal (d, k): QR of a Gaussian matrix with sign-fixed R."""
+    Q, R = torch.linalg.qr(torch.randn(d, k, generator=generator, dtype=torch.float64))
+    return Q * torch.sign(torch.diagonal(R)).where(torch.diagonal(R) != 0, torch.ones(()))
+
+
+def random_reference_grid(d: int, k1: int, k2: int, seed: int = 0) -> np.ndarray:
+    """φ grid of two independent random subspaces of Rᵈ (paper Fig. 4, third panel): (k1, k2)."""
+    generator = seeded_generator(seed)
+    return subspace_similarity(random_basis(d, k1, generator), random_basis(d, k2, generator))
+
+
+@dataclass
+class Comparison:
+    """φ between two modules' bases of one space (dim d).
+
+    grid: (k_a, k_b), grid[i-1, j-1] = φ(i, j), NaN beyond the numerical ranks.
+    phi_11 = φ(1, 1); top_k_mean = mean of φ(i, i) for i ≤ top_k (top_k ≤ both ranks);
+    principal_angles: radians, ascending, between the rank-truncated subspaces.
+    """
+
+    grid: np.ndarray
+    basis: str
+    dim: int
+    rank_a: int
+    rank_b: int
+    phi_11: float
+    top_k: int
+    top_k_mean: float
+    principal_angles: np.ndarray
+
+    @property
+    def chance(self) -> np.ndarray:
+        """Chance level max(i, j)/d, same shape as `grid`."""
+        return chance_level(*self.grid.shape, self.dim)
+
+    def phi(self, i: int, j: int) -> float:
+        """φ(i, j), 1-based."""
+        return float(self.grid[i - 1, j - 1])
+
+
+def compare_bases(a: Basis, b: Basis, top_k: int | None = None) -> Comparison:
+    """`Comparison` of two bases of the same space.
+
+    M = aᵀb = rotation_aᵀ (frame_aᵀ frame_b) rotation_b: one d × k × k product, the rest small.
+    """
+    if a.dim != b.dim:
+        raise LoraAnalysisError(f"cannot compare bases of different dimensions {a.dim} and {b.dim}")
+    frames = torch.from_numpy(_cross_product(a.frame, b.frame))
+    M = (a.rotation.cpu().T @ frames @ b.rotation.cpu()).numpy()
+    grid = phi_grid(M, a.rank, b.rank)
+    k = min(a.rank, b.rank) if top_k is None else min(top_k, a.rank, b.rank)
+    return Comparison(
+        grid=grid,
+        basis=a.kind,
+        dim=a.dim,
+        rank_a=a.rank,
+        rank_b=b.rank,
+        phi_11=float(grid[0, 0]) if k else float("nan"),
+        top_k=k,
+        top_k_mean=float(np.diagonal(grid)[:k].mean()) if k else float("nan"),
+        principal_angles=_angles(M[: a.rank, : b.rank]),
+    )
+
+
+def compare_modules(a: ModuleSpectrum, b: ModuleSpectrum, basis: BasisKind = "A", top_k: int | None = None) -> Comparison:
+    """φ between two modules' spectra in the chosen basis (default: right-singular vectors of A)."""
+    return compare_bases(a.basis(basis), b.basis(basis), top_k)
+
+
+@dataclass
+class AdapterComparison:
+    """Module-by-module φ of two adapters (ranks, seeds, checkpoints).
+
+    modules: keyed by adapter a's module names, in a's order; matched: a-name → b-name
+    (names matched after stripping wrapper prefixes such as `base_model.model.`).
+    """
+
+    modules: dict[str, Comparison]
+    matched: dict[str, str]
+    only_in_a: list[str]
+    only_in_b: list[str]
+    basis: str
+
+
+def compare_adapters(
+    a: Adapter | Spectra,
+    b: Adapter | Spectra,
+    basis: BasisKind = "A",
+    top_k: int | None = None,
+    progress: bool = False,
+) -> AdapterComparison:
+    """φ of every module present in both adapters; lists the modules present in only one."""
+    spectra_a, spectra_b = _spectra(a, progress), _spectra(b, progress)
+    matched = match_module_names(list(spectra_a), list(spectra_b))
+    comparisons = {}
+    for name_a, name_b in matched.items():
+        try:
+            comparisons[name_a] = compare_modules(spectra_a[name_a], spectra_b[name_b], basis, top_k)
+        except LoraAnalysisError as e:
+            raise LoraAnalysisError(f"module {name_a}: {e}") from None
+    return AdapterComparison(
+        modules=comparisons,
+        matched=matched,
+        only_in_a=[n for n in spectra_a if n not in matched],
+        only_in_b=[n for n in spectra_b if n not in set(matched.values())],
+        basis=basis,
+    )
+
+
+def match_module_names(names_a: list[str], names_b: list[str]) -> dict[str, str]:
+    """a-name → b-name for modules named alike in both, exact or after stripping known prefixes."""
+    keys_b: dict[str, str] = {}
+    for name in names_b:
+        key = strip_known_prefixes(name)
+        if key in keys_b:
+            raise LoraAnalysisError(f"modules {keys_b[key]!r} and {name!r} name the same module")
+        keys_b[key] = name
+    set_b = set(names_b)
+    matched = {}
+    for name in names_a:
+        if name in set_b:
+            matched[name] = name
+        elif strip_known_prefixes(name) in keys_b:
+            matched[name] = keys_b[strip_known_prefixes(name)]
+    return matched
+
+
+@dataclass
+class LayerComparison:
+    """φ summaries between the layers of one module type inside one adapter.
+
+    module_type: the module name with its layer index replaced by `*`; layers: (L,) indices;
+    names: (L,) module names; phi_11, top_k_mean: (L, L) matrices, entry [a, b] compares
+    layers[a] with layers[b] (diagonal 1 where the rank is ≥ 1).
+    """
+
+    module_type: str
+    layers: list[int]
+    names: list[str]
+    phi_11: np.ndarray
+    top_k_mean: np.ndarray
+    basis: str
+
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def compare_layers(
+    adapter: Adapter | Spectra, basis: BasisKind = "A", top_k: int | None = None, progress: bool = False
+) -> dict[str, LayerComparison]:
+    """Layer-vs-layer φ inside one adapter, per module type (e.g. `encoder.layer.*.attention.self.query`).
+
+    The layer index is the last `.<int>.` component of the module name; module types present
+    in a single layer are skipped.
+    """
+    spectra = _spectra(adapter, progress)
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for name in spectra:
+        found = list(_LAYER_INDEX.finditer(name))
+        if found:
+            last = found[-1]
+            module_type = f"{name[: last.start()]}.*.{name[last.end():]}"
+            groups.setdefault(module_type, []).append((int(last.group(1)), name))
+    result = {}
+    for module_type, members in groups.items():
+        if len(members) < 2:
+            continue
+        members.sort()
+        bases = [spectra[name].basis(basis) for _, name in members]
+        n = len(members)
+        phi_11, top_k_mean = np.full((n, n), np.nan), np.full((n, n), np.nan)
+        for x in range(n):
+            for y in range(x, n):
+                c = compare_bases(bases[x], bases[y], top_k)
+                phi_11[x, y] = phi_11[y, x] = c.phi_11
+                top_k_mean[x, y] = top_k_mean[y, x] = c.top_k_mean
+        result[module_type] = LayerComparison(
+            module_type, [layer for layer, _ in members], [name for _, name in members], phi_11, top_k_mean, basis
+        )
+    return result
+
+
+def _spectra(x: Adapter | Spectra, progress: bool) -> Spectra:
+    return adapter_spectra(x, progress=progress) if isinstance(x, Adapter) else x
+
+
+def _rank(rank: int | None, k: int) -> int:
+    return k if rank is None else rank
+
+
+def _as_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))

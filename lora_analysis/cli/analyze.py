@@ -1,0 +1,223 @@
+"""`lora-analysis analyze` (what is in one adapter) and `lora-analysis compare` (φ between two).
+
+Start-up stays lean: this module imports only the standard library; the analysis (torch),
+the report renderers and matplotlib (HTML, --plot) are imported when a command runs and
+needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fnmatch
+import os
+import sys
+
+from ..errors import LoraAnalysisError
+from .main import add_common_options
+
+REPORT_FORMATS = ("text", "markdown", "json", "html")
+COMPARE_FORMATS = ("text", "markdown", "json")
+BASES = ("A", "B", "dW-left", "dW-right")
+
+ANALYZE_EPILOG = """\
+Metrics of ΔW = s·B·A are computed exactly from the factors (QR + r×r SVD), never by
+forming the d×k matrix. With --base, each module is also compared with its pretrained W
+(paper Table 7 and Figure 8, intruder dimensions); W's SVD is cached on disk.
+
+examples:
+  lora-analysis analyze adapter_model.safetensors
+  lora-analysis analyze ./peft-adapter-dir --modules '*query' --modules '*value' --top 10
+  lora-analysis analyze kohya_lora.safetensors --tau 0.8 0.95 --format markdown
+  lora-analysis analyze ./adapter --format json -o report.json
+  lora-analysis analyze ./adapter --base ./bert-base-uncased --format html -o report.html
+"""
+
+COMPARE_EPILOG = """\
+φ(i, j) = ‖U_iᵀ V_j‖²_F / min(i, j) between the top-i directions of a module in ADAPTER_A
+and the top-j of the same module in ADAPTER_B (paper Eq. 4; 1 = same subspace, chance
+level max(i, j)/d). Modules are matched by path (PEFT's base_model.model. and similar
+prefixes ignored); modules found in one adapter only are listed.
+
+examples:
+  lora-analysis compare rank8/adapter_model.safetensors rank64/adapter_model.safetensors
+  lora-analysis compare seed1/ seed2/ --basis dW-left --top-k 4 --plot phi.pdf
+  lora-analysis compare a.safetensors b.safetensors --modules '*layer.11*' --format json -o phi.json
+"""
+
+
+def register(subparsers) -> None:
+    analyze = subparsers.add_parser(
+        "analyze", help="rank analysis of one adapter (tables, JSON, HTML)",
+        description="Rank analysis of a LoRA adapter: per-module spectrum of ΔW, effective ranks, "
+                    "rank recommendation, and (with --base) ΔW against the pretrained weights.",
+        epilog=ANALYZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    analyze.add_argument("adapter", metavar="ADAPTER", help="adapter .safetensors/.bin file or directory (ours, PEFT, kohya, loralib)")
+    analyze.add_argument("--base", metavar="MODEL", help="pretrained weights: Hugging Face model directory or .safetensors file")
+    analyze.add_argument("--format", choices=REPORT_FORMATS, default="text", help="report format (default: text)")
+    analyze.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE (atomically) instead of stdout")
+    _add_module_filter(analyze)
+    analyze.add_argument("--top", type=_positive_int, metavar="N",
+                         help="list only the N modules with the largest ‖ΔW‖_F (summaries still cover all)")
+    analyze.add_argument("--tau", type=_fraction, nargs="+", default=[0.9, 0.99], metavar="TAU",
+                         help="energy thresholds for the energy rank and the rank recommendation (default: 0.9 0.99)")
+    analyze.add_argument("--alpha", type=float, metavar="ALPHA",
+                         help="LoRA alpha to assume where the file does not record it (else scale is reported unknown)")
+    analyze.add_argument("--weight-k", type=_positive_int, default=64, metavar="K",
+                         help="with --base: top-K singular vectors of W for φ against W (default: 64)")
+    intruders = analyze.add_mutually_exclusive_group()
+    intruders.add_argument("--intruders", dest="intruders", action="store_const", const=True, default=None,
+                           help="with --base: intruder dimensions for every module (they need W's full SVD: about "
+                                "a minute per 4096×4096 weight the first time, then cached); default: only where "
+                                "min(d_out, d_in) ≤ 1536")
+    intruders.add_argument("--no-intruders", dest="intruders", action="store_const", const=False,
+                           help="with --base: skip intruder dimensions")
+    analyze.add_argument("--intruder-k", type=_positive_int, default=10, metavar="K",
+                         help="top-K singular vectors of W + ΔW checked for intruders (default: 10)")
+    analyze.add_argument("--intruder-epsilon", type=_fraction, default=0.5, metavar="EPS",
+                         help="intruder if max |cos| with W's singular vectors is below EPS (default: 0.5)")
+    analyze.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda:0, ...")
+    add_common_options(analyze)
+    analyze.set_defaults(func=run_analyze)
+
+    compare = subparsers.add_parser(
+        "compare", help="subspace similarity φ between two adapters, module by module",
+        description="Subspace similarity φ (LoRA paper, Eq. 4) between two adapters of different "
+                    "ranks or seeds, module by module, with chance levels and principal angles.",
+        epilog=COMPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare.add_argument("adapter_a", metavar="ADAPTER_A")
+    compare.add_argument("adapter_b", metavar="ADAPTER_B")
+    compare.add_argument("--basis", choices=BASES, default="A",
+                         help="A: right-singular vectors of A (paper default); B: left of B; "
+                              "dW-left / dW-right: of ΔW (default: A)")
+    compare.add_argument("--format", choices=COMPARE_FORMATS, default="text", help="report format (default: text)")
+    compare.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE (atomically) instead of stdout")
+    compare.add_argument("--plot", metavar="FILE", help="φ heatmaps (paper Figures 3/4) to FILE; format by extension: .png, .pdf, .svg")
+    compare.add_argument("--top-k", type=_positive_int, metavar="K",
+                         help="k of the mean over the top-k diagonal φ(i, i) (default: the smaller numerical rank)")
+    _add_module_filter(compare)
+    compare.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda:0, ...")
+    add_common_options(compare)
+    compare.set_defaults(func=run_compare)
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    from ..adapters import load_adapter
+    from ..analysis import analyze_adapter
+    from ..report import analyze_report, render_report
+
+    adapter = load_adapter(args.adapter, alpha=args.alpha)
+    selected = _select(adapter, args.modules, args.adapter)
+    base, base_names = None, None
+    if args.base:
+        from ..base_weights import BaseWeights
+
+        base = BaseWeights(args.base)
+        base_names = {name: base.resolve(name) for name in selected}  # fail before the long work
+    _progress(args, f"analyzing {len(selected)} module(s) of {args.adapter}")
+    analysis = analyze_adapter(
+        selected, base, taus=sorted(set(args.tau)), progress=not args.quiet, weight_k=args.weight_k,
+        intruders=args.intruders, intruder_k=args.intruder_k, intruder_epsilon=args.intruder_epsilon,
+        device=args.device,
+    )
+    report = analyze_report(
+        analysis, selected, num_modules=len(adapter), base_names=base_names, patterns=args.modules, top=args.top,
+    )
+    if args.format == "html":
+        _progress(args, "rendering figures")
+    _emit(render_report(report, args.format), args)
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from ..adapters import load_adapter
+    from ..analysis import adapter_spectra, compare_adapters
+    from ..report import compare_report, render_report
+
+    if args.plot:
+        from ..plots import figure_format
+
+        figure_format(args.plot)  # a bad extension fails before the work
+    adapter_a = _select(load_adapter(args.adapter_a), args.modules, args.adapter_a)
+    adapter_b = _select(load_adapter(args.adapter_b), args.modules, args.adapter_b)
+    spectra_a, spectra_b = (adapter_spectra(x, progress=not args.quiet, device=args.device) for x in (adapter_a, adapter_b))
+    comparison = compare_adapters(spectra_a, spectra_b, basis=args.basis, top_k=args.top_k)
+    report = compare_report(comparison, adapter_a, adapter_b, top_k=args.top_k, patterns=args.modules)
+    if not report["pairs"]:
+        raise LoraAnalysisError(f"{args.adapter_a} and {args.adapter_b}: no module in common "
+                                f"(A has e.g. {_examples(report['only_in_a'])}; B has e.g. {_examples(report['only_in_b'])})")
+    if args.plot:
+        from ..plots import compare_figure, save_figure
+
+        with _writing(args.plot):
+            save_figure(compare_figure(report), args.plot)
+        _progress(args, f"wrote {args.plot}")
+    _emit(render_report(report, args.format), args)
+    return 0
+
+
+def _select(adapter, patterns: list[str] | None, path: str):
+    """The adapter restricted to modules whose path matches any glob pattern (all if None)."""
+    if not patterns:
+        return adapter
+    names = [n for n in adapter.modules if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not names:
+        raise LoraAnalysisError(f"{path}: no module matches {' or '.join(patterns)} "
+                                f"(modules are e.g. {_examples(list(adapter.modules))})")
+    return adapter.select(names)
+
+
+def _emit(text: str, args: argparse.Namespace) -> None:
+    """The report to -o FILE (atomic write) or stdout; stdout carries nothing else."""
+    if args.output:
+        from ..fileio import atomic_write_text
+
+        with _writing(args.output):
+            atomic_write_text(args.output, text)
+        _progress(args, f"wrote {args.output}")
+        return
+    try:  # UTF-8 whatever the locale: reports contain σ, α, ‖ΔW‖
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode("utf-8"))
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:  # `| head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+@contextlib.contextmanager
+def _writing(path: str):
+    """An unwritable output path is bad input (exit 2), not a crash."""
+    try:
+        yield
+    except OSError as err:
+        raise LoraAnalysisError(f"{path}: cannot write ({err.strerror or err})") from None
+
+
+def _progress(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(f"lora-analysis: {message}", file=sys.stderr)
+
+
+def _examples(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "") if names else "none"
+
+
+def _add_module_filter(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--modules", action="append", metavar="PATTERN",
+                        help="only modules whose path matches this glob, e.g. '*.query' or '*layer.1[01].*' (repeatable)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value

@@ -1,0 +1,200 @@
+"""Turn analysis results into report dicts (`schema.json`): JSON-ready, the single source every
+renderer (text, markdown, JSON, HTML) reads.
+
+Non-finite numbers become null (JSON has no NaN); φ grids become lists of rows, i by j.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+
+from .grouping import layer_labels, model_order, projection_type
+from .summary import recommendation, summarize, tau_key
+
+if TYPE_CHECKING:
+    from ..adapters import Adapter, LoraModule
+    from ..analysis import AdapterAnalysis, AdapterComparison, ModuleAnalysis
+
+SCHEMA_VERSION = "1.0"
+
+
+def generator() -> str:
+    from .. import __version__
+
+    return f"lora-analysis {__version__}"
+
+
+def adapter_info(adapter: "Adapter") -> dict:
+    """`schema.json#/$defs/adapter_info` of an adapter (path: where it was loaded from)."""
+    return {
+        "path": adapter.source or "",
+        "format": adapter.source_format,
+        "base_model_name_or_path": adapter.config.base_model_name_or_path,
+        "num_modules": len(adapter),
+        "alpha_known": adapter.alpha_known,
+    }
+
+
+def analyze_report(
+    analysis: "AdapterAnalysis",
+    adapter: "Adapter",
+    *,
+    num_modules: int | None = None,
+    base_names: Mapping[str, str] | None = None,
+    patterns: Sequence[str] | None = None,
+    top: int | None = None,
+) -> dict:
+    """The `analyze` report of `adapter` (its selected modules) from `analysis`, modules in
+    model order (`grouping.model_order`).
+
+    num_modules: modules in the adapter file before selection (default: len(adapter)).
+    base_names: adapter module → its weight's name in the base checkpoint.
+    top: list only the N modules with the largest ‖ΔW‖_F; summaries cover all of them.
+    """
+    taus = list(analysis.taus)
+    layers = layer_labels(list(analysis.modules))
+    base_names = base_names or {}
+    entries = {
+        name: module_entry(name, adapter[name], analysis.modules[name], taus, layers[name], base_names.get(name, name))
+        for name in sorted(analysis.modules, key=model_order)
+    }
+    shown = entries
+    if top is not None:
+        ranked = sorted(entries, key=lambda n: entries[n]["frobenius_norm"], reverse=True)[:top]
+        shown = {name: entries[name] for name in ranked}
+    intruders = next((r.intruders for r in analysis.modules.values() if r.intruders is not None), None)
+    info = adapter_info(adapter)
+    info["num_modules"] = len(adapter) if num_modules is None else num_modules
+    info["num_analyzed"] = len(entries)
+    info["num_parameters"] = sum(e["parameters"] for e in entries.values())
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "analyze",
+        "generator": generator(),
+        "adapter": info,
+        "base": None if analysis.base_source is None else {"path": analysis.base_source},
+        "settings": {
+            "energy_thresholds": taus,
+            "modules": list(patterns) if patterns else None,
+            "top": top,
+            "intruder_top_k": None if intruders is None else intruders.k,
+            "intruder_epsilon": None if intruders is None else intruders.epsilon,
+        },
+        "notes": list(analysis.notes) + _zero_note(entries),
+        "modules": shown,
+        "summary": summarize(entries, taus),
+        "recommendation": recommendation(entries, taus),
+    }
+
+
+def module_entry(name: str, module: "LoraModule", result: "ModuleAnalysis", taus: Sequence[float],
+                 layer: str | None, base_name: str) -> dict:
+    """`schema.json#/$defs/module_report` of one module from its factors and analysis."""
+    metrics = result.metrics
+    energy_rank = {tau_key(t): int(metrics.energy_rank[t]) for t in taus}
+    return {
+        "shape": [module.d_out, module.d_in],
+        "r": module.r,
+        "alpha": _number(module.alpha),
+        "scale": module.scale if module.alpha_known else None,
+        "use_rslora": module.use_rslora,
+        "fan_in_fan_out": module.fan_in_fan_out,
+        "layer": layer,
+        "projection": projection_type(name),
+        "parameters": module.r * (module.d_in + module.d_out),
+        "frobenius_norm": metrics.frobenius,
+        "sigma_max": metrics.sigma_max,
+        "stable_rank": metrics.stable_rank,
+        "roy_vetterli_rank": metrics.roy_vetterli_rank,
+        "energy_effective_rank": metrics.energy_effective_rank,
+        "energy_rank": energy_rank,
+        "numerical_rank": int(metrics.numerical_rank),
+        "recommended_rank": energy_rank,
+        "parameter_saving": {k: (module.r - v) * (module.d_in + module.d_out) for k, v in energy_rank.items()},
+        "singular_values": [float(s) for s in result.spectrum.S],
+        "base": None if result.projection is None else base_entry(result, base_name),
+    }
+
+
+def base_entry(result: "ModuleAnalysis", base_name: str) -> dict:
+    """`schema.json#/$defs/base_report`: one module against its pretrained weight W."""
+    projection, intruders = result.projection, result.intruders
+    return {
+        "base_module": base_name,
+        "weight_frobenius_norm": projection.weight_norm,
+        "projection_norms": {"delta": projection.delta, "weight": projection.weight, "random": projection.random},
+        "amplification": _number(projection.amplification),
+        "phi_weight": phi_grid(result.phi_vs_weight, result.spectrum.d_out),
+        "intruders": None if intruders is None else {
+            "top_k": intruders.k,
+            "epsilon": intruders.epsilon,
+            "count": intruders.count,
+            "indices": [int(i) for i in np.flatnonzero(intruders.is_intruder)],
+            "max_cosines": [float(c) for c in intruders.max_cos],
+        },
+    }
+
+
+def phi_grid(grid: np.ndarray, dim: int, top_k: int | None = None) -> dict:
+    """`schema.json#/$defs/phi_grid`: φ as rows (NaN → null), d, and the chance level."""
+    chance = {"formula": "max(i, j) / d", "phi_1_1": 1.0 / dim}
+    if top_k:
+        chance["mean_top_k_diagonal"] = (top_k + 1) / 2 / dim  # mean of i/d over i = 1..k
+    return {"phi": [[_number(x) for x in row] for row in np.asarray(grid, dtype=float)], "dim": dim, "chance": chance}
+
+
+def compare_report(
+    comparison: "AdapterComparison",
+    adapter_a: "Adapter",
+    adapter_b: "Adapter",
+    *,
+    top_k: int | None = None,
+    patterns: Sequence[str] | None = None,
+) -> dict:
+    """The `compare` report: per module pair the full φ grid, summary numbers, chance level."""
+    pairs = {}
+    for name_a, c in comparison.modules.items():
+        name_b = comparison.matched[name_a]
+        pairs[name_a] = {
+            "module_a": name_a,
+            "module_b": name_b,
+            "r_a": adapter_a[name_a].r,
+            "r_b": adapter_b[name_b].r,
+            "basis": c.basis,
+            **phi_grid(c.grid, c.dim, c.top_k),
+            "phi_1_1": _number(c.phi_11),
+            "top_k": max(int(c.top_k), 1),
+            "mean_top_k_diagonal": _number(c.top_k_mean),
+            "principal_angles_deg": [float(math.degrees(a)) for a in c.principal_angles],
+        }
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "compare",
+        "generator": generator(),
+        "basis": comparison.basis,
+        "adapters": {"a": adapter_info(adapter_a), "b": adapter_info(adapter_b)},
+        "settings": {"top_k": top_k, "modules": list(patterns) if patterns else None},
+        "pairs": pairs,
+        "only_in_a": list(comparison.only_in_a),
+        "only_in_b": list(comparison.only_in_b),
+    }
+
+
+def _zero_note(entries: Mapping[str, Mapping]) -> list[str]:
+    zero = [name for name, e in entries.items() if e["frobenius_norm"] == 0.0]
+    if not zero:
+        return []
+    return [f"ΔW = 0 in {len(zero)} module(s) (e.g. {zero[0]}): B = 0, as after initialization? "
+            "Their ranks are 0 and the recommendation drops them"]
+
+
+def _number(x) -> float | None:
+    """float, or None for None/NaN/Inf (JSON has no NaN)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+

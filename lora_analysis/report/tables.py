@@ -1,0 +1,251 @@
+"""The tables of a report, built once from the report dict and rendered as text or markdown.
+
+Text is an aligned table for the terminal (numbers right-aligned); markdown is a GitHub pipe
+table. The HTML page renders the same `Table` objects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from .grouping import common_prefix
+from .summary import tau_key
+
+MISSING = "—"
+
+
+@dataclass
+class Table:
+    """A titled table: `columns` headers, `rows` of already formatted cells, `numeric` marks
+    right-aligned columns, `notes` lines printed under it."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    numeric: list[bool]
+    notes: list[str] = field(default_factory=list)
+
+
+def fmt(value, digits: int = 4) -> str:
+    """A number for a table: integers as is, floats to `digits` significant digits, None → —."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return MISSING
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 1000 else str(value)
+    return f"{value:.{digits}g}"
+
+
+def percent(tau: float) -> str:
+    """0.9 → "90%", 0.995 → "99.5%"."""
+    return f"{100 * tau:.4g}%"
+
+
+# ---------------------------------------------------------------------------- analyze
+
+
+def analyze_tables(report: Mapping) -> list[Table]:
+    """Summary by projection and by layer, rank recommendation, per-module table, and the
+    table against the base weights when the report has one."""
+    taus = report["settings"]["energy_thresholds"]
+    summary = report["summary"]
+    with_base = report["base"] is not None
+    tables = [
+        _group_table("Summary by projection type", "projection", summary["by_projection"] + [summary["overall"]], taus, with_base),
+        _group_table("Summary by layer", "layer", summary["by_layer"], taus, with_base),
+        _recommendation_table(report["recommendation"]),
+        _module_table(report, taus),
+    ]
+    if with_base:
+        tables.append(_base_table(report))
+    return tables
+
+
+def _group_table(title: str, key: str, groups: Sequence[Mapping], taus, with_base: bool) -> Table:
+    columns = [key, "modules", "params", "‖ΔW‖_F", "stable rank", "energy eff. rank", "num. rank"]
+    columns += [f"r@{percent(t)}" for t in taus]
+    if with_base:
+        columns += ["amplification", "intruders"]
+    rows = []
+    for g in groups:
+        row = [g["group"], fmt(g["modules"]), fmt(g["parameters"]), fmt(g["frobenius_norm"]),
+               fmt(g["mean_stable_rank"], 3), fmt(g["mean_energy_effective_rank"], 3),
+               fmt(g["mean_numerical_rank"], 3)]
+        row += [fmt(g["mean_energy_rank"][tau_key(t)], 3) for t in taus]
+        if with_base:
+            row += [fmt(g.get("mean_amplification"), 3), fmt(g.get("intruders"))]
+        rows.append(row)
+    notes = ["means over the group's modules; ‖ΔW‖_F = √Σ‖ΔW‖_F² over the group; r@τ = energy rank at τ"]
+    return Table(title, columns, rows, [False] + [True] * (len(columns) - 1), notes)
+
+
+def _recommendation_table(recommendation: Sequence[Mapping]) -> Table:
+    columns = ["energy kept", "params now", "params at recommended ranks", "saving", "saving %"]
+    rows = [[percent(r["energy"]), fmt(r["parameters"]), fmt(r["recommended_parameters"]), fmt(r["saving"]),
+             f"{100 * r['saving_fraction']:.1f}%"] for r in recommendation]
+    notes = ["each module cut to the smallest rank keeping that share of its energy Σσ² (the r@τ columns)"]
+    return Table("Rank recommendation", columns, rows, [False, True, True, True, True], notes)
+
+
+def _module_table(report: Mapping, taus) -> Table:
+    columns = ["module", "shape", "r", "α", "scale", "‖ΔW‖_F", "σ₁", "stable rank", "Roy-Vetterli rank",
+               "energy eff. rank", *[f"r@{percent(t)}" for t in taus], "num. rank"]
+    rows = []
+    for name, m in report["modules"].items():
+        rows.append([
+            name, "×".join(map(str, m["shape"])), fmt(m["r"]),
+            fmt(m["alpha"]) if m["alpha"] is not None else "unknown",
+            fmt(m["scale"]) if m["scale"] is not None else "unknown",
+            fmt(m["frobenius_norm"]), fmt(m["sigma_max"]), fmt(m["stable_rank"], 3),
+            fmt(m["roy_vetterli_rank"], 3), fmt(m["energy_effective_rank"], 3),
+            *[fmt(m["recommended_rank"][tau_key(t)]) for t in taus], fmt(m["numerical_rank"]),
+        ])
+    settings, adapter = report["settings"], report["adapter"]
+    title = "Modules"
+    if settings["top"] is not None and settings["top"] < adapter["num_analyzed"]:
+        title += f" (top {len(rows)} of {adapter['num_analyzed']} by ‖ΔW‖_F)"
+    notes = ["r@τ: recommended rank, the smallest k with Σ_{i≤k}σ² ≥ τ·Σσ²; stable rank Σσ²/σ₁²; "
+             "Roy-Vetterli rank exp(H(σ/Σσ)); energy eff. rank exp(H(σ²/Σσ²))"]
+    return Table(title, columns, rows, [False, False] + [True] * (len(columns) - 2), notes)
+
+
+def _base_table(report: Mapping) -> Table:
+    columns = ["module", "‖W‖_F", "‖ΔW‖_F", "‖UᵀWV‖ ΔW", "‖UᵀWV‖ W", "‖UᵀWV‖ random", "amplification",
+               "φ_W(k, k)", "chance", "intruders"]
+    rows = []
+    for name, m in report["modules"].items():
+        b = m["base"]
+        proj = b["projection_norms"]
+        k, phi_kk = _phi_weight_corner(b["phi_weight"])
+        rows.append([
+            name, fmt(b["weight_frobenius_norm"]), fmt(m["frobenius_norm"]), fmt(proj["delta"]),
+            fmt(proj["weight"]), fmt(proj["random"]), fmt(b["amplification"], 3),
+            fmt(phi_kk, 3), fmt(k / b["phi_weight"]["dim"] if k else None, 2),
+            MISSING if b["intruders"] is None else f"{b['intruders']['count']}/{b['intruders']['top_k']}",
+        ])
+    settings = report["settings"]
+    notes = [
+        "‖UᵀWV‖_F with U, V the top-r singular vectors of ΔW, of W, or random orthonormal (paper Table 7); "
+        "amplification = ‖ΔW‖_F / ‖UᵀWV‖_F (ΔW's U, V)",
+        "φ_W(k, k): φ between the top-k left singular vectors of W and of ΔW (paper Figure 8), "
+        "k = ΔW's numerical rank; chance = k/d",
+    ]
+    if settings["intruder_top_k"] is not None:
+        notes.append(f"intruders: among the top-{settings['intruder_top_k']} singular vectors of W + ΔW, those with "
+                     f"max |cos| < {fmt(settings['intruder_epsilon'])} against every singular vector of W")
+    return Table("Against the base weights", columns, rows, [False] + [True] * (len(columns) - 1), notes)
+
+
+def _phi_weight_corner(grid: Mapping) -> tuple[int, float | None]:
+    """(k, φ(k, k)) at the largest unmasked diagonal entry of a φ grid; (0, None) if none."""
+    phi = grid["phi"]
+    for k in range(min(len(phi), len(phi[0]) if phi else 0), 0, -1):
+        if phi[k - 1][k - 1] is not None:
+            return k, phi[k - 1][k - 1]
+    return 0, None
+
+
+# ---------------------------------------------------------------------------- compare
+
+
+def compare_tables(report: Mapping) -> list[Table]:
+    """Per module pair: ranks, φ(1,1), mean top-k diagonal, their chance levels, principal
+    angles; plus the modules found in one adapter only."""
+    top_k = report["settings"]["top_k"]
+    columns = ["module", "r_a", "r_b", "d", "φ(1,1)", "chance", f"mean φ(i,i) i≤k", "chance",
+               "k", "smallest angle°", "largest angle°"]
+    rows = []
+    for name, p in report["pairs"].items():
+        angles = p["principal_angles_deg"]
+        rows.append([
+            name if p["module_b"] == name else f"{name} ↔ {p['module_b']}",
+            fmt(p["r_a"]), fmt(p["r_b"]), fmt(p["dim"]), fmt(p["phi_1_1"], 3), fmt(p["chance"]["phi_1_1"], 2),
+            fmt(p["mean_top_k_diagonal"], 3), fmt(p["chance"].get("mean_top_k_diagonal"), 2), fmt(p["top_k"]),
+            fmt(angles[0] if angles else None, 3), fmt(angles[-1] if angles else None, 3),
+        ])
+    notes = [
+        f"basis {report['basis']}: {BASIS_NOTES[report['basis']]}; φ(i, j) = ‖U_iᵀ V_j‖²_F / min(i, j) (paper Eq. 4)",
+        (f"k = min({top_k}, numerical ranks)" if top_k else "k = the smaller numerical rank")
+        + "; chance = expected φ of independent random subspaces, max(i, j)/d",
+    ]
+    tables = [Table("Subspace similarity φ per module", columns, rows,
+                    [False] + [True] * (len(columns) - 1), notes)]
+    unmatched = [[name, "A only"] for name in report["only_in_a"]] + [[name, "B only"] for name in report["only_in_b"]]
+    if unmatched:
+        tables.append(Table("Modules in one adapter only", ["module", "present in"], unmatched, [False, False]))
+    return tables
+
+
+BASIS_NOTES = {
+    "A": "right-singular vectors of A (input space)",
+    "B": "left-singular vectors of B (output space)",
+    "dW-left": "left-singular vectors of ΔW (output space)",
+    "dW-right": "right-singular vectors of ΔW (input space)",
+}
+
+
+# ---------------------------------------------------------------------------- renderers
+
+
+def render_text(title: str, header: Sequence[str], tables: Sequence[Table]) -> str:
+    """Aligned plain-text tables for the terminal. Long module paths lose their common prefix,
+    which is printed once above the table."""
+    out = [title, "=" * len(title), *header, ""]
+    for table in tables:
+        columns, rows, notes = table.columns, table.rows, list(table.notes)
+        prefix = common_prefix([row[0] for row in rows]) if columns[0] == "module" else ""
+        if prefix:
+            rows = [[row[0][len(prefix):], *row[1:]] for row in rows]
+            notes.insert(0, f"module paths relative to {prefix}")
+        widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(columns)]
+
+        def line(cells):
+            return "  ".join(c.rjust(w) if num else c.ljust(w)
+                             for c, w, num in zip(cells, widths, table.numeric)).rstrip()
+
+        out += [table.title, "-" * len(table.title), line(columns), line(["-" * w for w in widths])]
+        out += [line(row) for row in rows] or ["(none)"]
+        out += [f"  {n}" for n in notes] + [""]
+    return "\n".join(out)
+
+
+def render_markdown(title: str, header: Sequence[str], tables: Sequence[Table]) -> str:
+    """GitHub-flavoured markdown: a heading per table, pipe tables, notes as a list."""
+    out = [f"# {title}", "", *(f"- {h}" for h in header), ""]
+    for table in tables:
+        out += [f"## {table.title}", ""]
+        out.append("| " + " | ".join(_md_cell(c) for c in table.columns) + " |")
+        out.append("|" + "|".join("---:" if num else ":---" for num in table.numeric) + "|")
+        out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
+        out += [""] + [f"*{_md_cell(n)}*  " for n in table.notes] + [""]
+    return "\n".join(out)
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("*", "\\*").replace("_", "\\_")
+
+
+def analyze_header(report: Mapping) -> list[str]:
+    """Lines describing what was analyzed, shown above the tables."""
+    adapter, settings = report["adapter"], report["settings"]
+    lines = [f"adapter: {adapter['path']} ({adapter['format'] or 'unknown format'})"]
+    if adapter.get("base_model_name_or_path"):
+        lines.append(f"trained on: {adapter['base_model_name_or_path']}")
+    selected = f"{adapter['num_analyzed']} of {adapter['num_modules']}" if adapter["num_analyzed"] != adapter["num_modules"] else str(adapter["num_modules"])
+    lines.append(f"modules: {selected}" + (f" (matching {', '.join(settings['modules'])})" if settings["modules"] else "")
+                 + f"; LoRA parameters: {fmt(adapter['num_parameters'])}")
+    if report["base"] is not None:
+        lines.append(f"base weights: {report['base']['path']}")
+    return lines + [f"note: {note}" for note in report["notes"]]
+
+
+def compare_header(report: Mapping) -> list[str]:
+    a, b = report["adapters"]["a"], report["adapters"]["b"]
+    return [
+        f"A: {a['path']} ({a['format'] or 'unknown format'}, {a['num_modules']} modules)",
+        f"B: {b['path']} ({b['format'] or 'unknown format'}, {b['num_modules']} modules)",
+        f"basis: {report['basis']}, the {BASIS_NOTES[report['basis']]}; {len(report['pairs'])} module pairs compared",
+    ]

@@ -1,0 +1,125 @@
+"""Base weights from directories, sharded checkpoints, single files and in-memory models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lora_analysis import BaseWeights, LoraConfig, extract_adapter, inject_lora, merge_lora
+from lora_analysis.errors import LoraAnalysisError, ModuleResolutionError
+
+QUERY = "bert.encoder.layer.0.attention.self.query"
+
+
+def bert_weight(model, name):
+    return model.get_submodule(name).weight.detach()
+
+
+def test_in_memory_model_resolves_prefixes(tiny_bert):
+    base = BaseWeights(tiny_bert)
+    assert QUERY in base.names
+    W = base.weight("encoder.layer.0.attention.self.query")  # adapter trained on a bare encoder
+    torch.testing.assert_close(W, bert_weight(tiny_bert, QUERY))
+    torch.testing.assert_close(base.weight(f"base_model.model.{QUERY}"), W)
+    assert W.dtype == torch.float32 and W.shape == (32, 32)
+
+
+@pytest.mark.parametrize("layout", ["directory", "sharded", "single file", "bin"])
+def test_files_read_lazily_and_resolve(tiny_bert, tmp_path, layout):
+    if layout == "bin":
+        source = tmp_path / "pytorch_model.bin"
+        torch.save(tiny_bert.state_dict(), source)
+    elif layout == "single file":
+        source = tmp_path / "weights.safetensors"
+        save_file({k: v.contiguous() for k, v in tiny_bert.state_dict().items()}, source)
+    else:
+        tiny_bert.save_pretrained(tmp_path, max_shard_size="20KB" if layout == "sharded" else "5GB")
+        source = tmp_path
+        assert (tmp_path / "model.safetensors.index.json").exists() == (layout == "sharded")
+    base = BaseWeights(source)
+    for name in (QUERY, "bert.encoder.layer.1.output.dense", "classifier"):
+        torch.testing.assert_close(base.weight(name), bert_weight(tiny_bert, name))
+    torch.testing.assert_close(base.weight("encoder.layer.0.attention.self.query"), bert_weight(tiny_bert, QUERY))
+    assert len(base) == len([m for m in tiny_bert.modules() if getattr(m, "weight", None) is not None and m.weight.ndim == 2])
+
+
+def test_unresolvable_name_lists_closest(tiny_bert):
+    with pytest.raises(ModuleResolutionError, match=r"not found in the base weights .*closest: \[.*attention\.self\.query"):
+        BaseWeights(tiny_bert).weight("encoder.layer.0.attention.self.querry")
+
+
+def test_gpt2_conv1d_weights_are_transposed_to_linear_orientation(tiny_gpt2, tmp_path):
+    """W + s·B·A from BaseWeights equals the merged model's weight, for Conv1D (square and not)."""
+    tiny_gpt2.save_pretrained(tmp_path)  # HF layout: Conv1D weights stored as (d_in, d_out)
+    model = inject_lora(tiny_gpt2, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"]), seed=0)
+    for layer in model.modules():
+        if hasattr(layer, "lora_B"):
+            torch.nn.init.normal_(layer.lora_B, generator=torch.Generator().manual_seed(1))
+    adapter = extract_adapter(model)
+    in_memory = BaseWeights(model)  # LoRA-wrapped layers give their frozen base weight
+    before = {name: in_memory.weight(name, adapter[name]) for name in adapter}
+    from_file = BaseWeights(tmp_path)
+    merge_lora(model)
+    shapes = set()
+    for name, m in adapter.items():
+        assert m.fan_in_fan_out
+        merged = model.get_submodule(name).base.weight.detach().T  # Conv1D storage → (d_out, d_in)
+        expected = merged - m.scale * (m.B @ m.A)
+        torch.testing.assert_close(before[name], expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(from_file.weight(name, m), expected, atol=1e-6, rtol=0)
+        shapes.add(before[name].shape)
+    assert (32, 32) in shapes and (96, 32) in shapes  # square c_proj and non-square c_attn
+    with pytest.raises(LoraAnalysisError, match="merged"):
+        BaseWeights(model)
+
+
+def test_orientation_from_shape_and_shape_mismatch(tiny_bert):
+    from lora_analysis import LoraModule
+
+    base = BaseWeights(tiny_bert)
+    name = "bert.encoder.layer.0.intermediate.dense"  # (64, 32)
+    linear = LoraModule(A=torch.zeros(2, 32), B=torch.zeros(64, 2), alpha=2)
+    torch.testing.assert_close(base.weight(name, linear), bert_weight(tiny_bert, name))
+    flagged = LoraModule(A=torch.zeros(2, 32), B=torch.zeros(64, 2), alpha=2, fan_in_fan_out=True)
+    torch.testing.assert_close(base.weight(name, flagged), bert_weight(tiny_bert, name))  # shape decides
+    wrong = LoraModule(A=torch.zeros(2, 30), B=torch.zeros(64, 2), alpha=2)
+    with pytest.raises(LoraAnalysisError, match=r"shape \(64, 32\).*\(64, 30\)"):
+        base.weight(name, wrong)
+
+
+def test_bad_sources_give_one_line_errors(tmp_path, tiny_bert):
+    with pytest.raises(LoraAnalysisError, match="no such file"):
+        BaseWeights(tmp_path / "missing")
+    with pytest.raises(LoraAnalysisError, match="no model weights"):
+        BaseWeights(tmp_path)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(LoraAnalysisError, match="bad.safetensors: cannot read safetensors header"):
+        BaseWeights(bad)
+    pickle = tmp_path / "evil.bin"
+    torch.save({"w": torch.zeros(2, 2), "f": print}, pickle)
+    with pytest.raises(LoraAnalysisError, match="evil.bin: cannot load as a weights-only"):
+        BaseWeights(pickle)
+    sharded = tmp_path / "sharded"
+    tiny_bert.save_pretrained(sharded, max_shard_size="20KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    (sharded / next(iter(index["weight_map"].values()))).unlink()
+    with pytest.raises(LoraAnalysisError, match="shard file"):
+        BaseWeights(sharded)
+    nan = tmp_path / "nan.safetensors"
+    save_file({"layer.weight": torch.full((2, 2), float("nan"))}, nan)
+    with pytest.raises(LoraAnalysisError, match="not finite"):
+        BaseWeights(nan).weight("layer")
+
+
+@pytest.mark.integration
+def test_minilm_checkpoint_without_bert_prefix():
+    from lora_analysis.assets import asset_path
+
+    base = BaseWeights(asset_path("minilm"))
+    W = base.weight("bert.encoder.layer.5.attention.self.value")  # classification-model name
+    assert W.shape == (384, 384) and torch.isfinite(W).all()
+    assert base.resolve("base_model.model.bert.encoder.layer.5.attention.self.value") == "encoder.layer.5.attention.self.value"

@@ -1,0 +1,120 @@
+"""Figures: φ heatmaps on a fixed 0–1 scale with chance level, spectra, per-layer heatmaps, files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lora_analysis import plots
+from lora_analysis.errors import LoraAnalysisError
+
+
+def _images(fig):
+    return [image for ax in fig.axes for image in ax.get_images()]
+
+
+def test_phi_figure_fixed_scale_labels_chance_and_mask():
+    phi = np.linspace(0.2, 0.6, 4 * 6).reshape(4, 6)
+    phi[3, :] = np.nan  # beyond the numerical rank
+    panels = [plots.PhiPanel(phi, title="layer 0 query", xlabel="j (r=6)", ylabel="i (r=4)", dim=64),
+              plots.PhiPanel(phi[:2, :3], title="layer 1 query", dim=32)]
+    fig = plots.phi_figure(panels, suptitle="φ")
+
+    images = _images(fig)
+    assert len(images) == 2
+    for image in images:  # colour range 0–1 regardless of the data's range
+        assert image.norm.vmin == 0.0 and image.norm.vmax == 1.0
+    data = images[0].get_array()
+    assert data.shape == (4, 6) and data.mask[3].all() and not data.mask[:3].any()
+    np.testing.assert_allclose(data[:3].filled(), phi[:3])
+    first = fig.axes[0]
+    assert first.get_xlabel() == "j (r=6)" and first.get_ylabel() == "i (r=4)" and first.get_title() == "layer 0 query"
+    assert [int(t) for t in first.get_yticks()] == [1, 2, 3, 4]  # 1-based, one per direction
+    texts = " ".join(t.get_text() for ax in fig.axes for t in ax.texts)
+    assert "chance ≤ 0.094" in texts and "d=64" in texts  # max(i, j)/d = 6/64
+    colorbar = [ax for ax in fig.axes if ax.get_ylabel() == "φ(i, j)"]
+    assert len(colorbar) == 1
+    chance_lines = [line.get_ydata()[0] for line in colorbar[0].lines]
+    assert pytest.approx(6 / 64) in chance_lines  # largest chance level among the panels, on the bar
+
+
+def test_phi_figure_needs_panels():
+    with pytest.raises(ValueError):
+        plots.phi_figure([])
+
+
+def test_spectra_figure_normalized_lines_per_module():
+    spectra = {
+        "q": [{"label": "layer 0", "layer": 0, "values": [4.0, 2.0, 1.0]},
+              {"label": "layer 1", "layer": 1, "values": [8.0, 8.0, 0.5]}],
+        "v": [{"label": "layer 0", "layer": 0, "values": [3.0, 0.3]}],
+    }
+    fig = plots.spectra_figure(spectra)
+    q, v = fig.axes[:2]
+    assert q.get_title() == "q" and v.get_title() == "v" and q.get_yscale() == "log"
+    assert len(q.lines) == 2 and len(v.lines) == 1
+    np.testing.assert_allclose(q.lines[0].get_ydata(), [1.0, 0.5, 0.25])
+    np.testing.assert_allclose(q.lines[1].get_xdata(), [1, 2, 3])
+    assert q.lines[0].get_color() != q.lines[1].get_color()  # coloured by layer
+    assert any(ax.get_ylabel() == "layer" for ax in fig.axes)  # colour bar for layers
+
+
+def test_layer_heatmap_places_values_and_masks_missing_cells():
+    values = {("q", "0"): 1.5, ("q", "1"): 2.5, ("v", "1"): 7.0}
+    fig = plots.layer_heatmap(values, rows=["q", "v"], columns=["0", "1"], title="effective rank", label="rank")
+    ax = fig.axes[0]
+    grid = ax.get_images()[0].get_array()
+    assert grid.mask.tolist() == [[False, False], [True, False]]
+    np.testing.assert_allclose(grid[0].filled(), [1.5, 2.5])
+    assert grid[1, 1] == 7.0
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["q", "v"]
+    assert ax.get_xlabel() == "layer" and ax.get_title() == "effective rank"
+    assert sorted(t.get_text() for t in ax.texts) == ["1.5", "2.5", "7"]
+    assert fig.axes[1].get_ylabel() == "rank"
+
+
+def test_layer_heatmap_log_scale():
+    from matplotlib.colors import LogNorm
+
+    fig = plots.layer_heatmap({("q", "0"): 2.0, ("q", "1"): 200.0}, rows=["q"], columns=["0", "1"],
+                              title="amplification", label="x", log=True)
+    assert isinstance(fig.axes[0].get_images()[0].norm, LogNorm)
+
+
+@pytest.mark.parametrize("suffix, magic", [(".png", b"\x89PNG"), (".pdf", b"%PDF"), (".svg", b"<?xml")])
+def test_save_figure_format_from_extension_atomic(tmp_path, suffix, magic):
+    fig = plots.phi_figure([plots.PhiPanel(np.eye(3), dim=16)])
+    path = tmp_path / "sub" / f"phi{suffix}"
+    plots.save_figure(fig, path)
+    assert path.read_bytes().startswith(magic)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
+
+
+def test_save_figure_rejects_unknown_extension(tmp_path):
+    fig = plots.phi_figure([plots.PhiPanel(np.eye(2), dim=4)])
+    with pytest.raises(LoraAnalysisError, match=r"phi\.jpg: unsupported figure format 'jpg'"):
+        plots.save_figure(fig, tmp_path / "phi.jpg")
+    assert not any(tmp_path.iterdir())
+
+
+def test_png_bytes_are_reproducible():
+    def render():
+        return plots.figure_bytes(plots.phi_figure([plots.PhiPanel(np.full((2, 2), 0.5), dim=8)]))
+
+    assert render() == render()
+
+
+def test_compare_figure_replots_a_json_report():
+    phi = [[1.0, 1.0, 1.0], [0.5, 0.75, None]]
+    pair = {"phi": phi, "dim": 16, "r_a": 2, "r_b": 3}
+    report = {"basis": "dW-left", "pairs": {"model.layers.0.q_proj": pair, "model.layers.1.q_proj": pair}}
+    fig = plots.compare_figure(report)
+    panels = [ax for ax in fig.axes if ax.get_images() and ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["0.q_proj", "1.q_proj", "random subspaces (d=16)"]
+    assert fig.get_suptitle() == "Subspace similarity φ(i, j), basis dW-left — model.layers.*"
+    assert panels[0].get_ylabel() == "i (adapter A, r=2)" and panels[0].get_xlabel() == "j (adapter B, r=3)"
+    grid = panels[0].get_images()[0].get_array()
+    assert grid.mask.tolist() == [[False] * 3, [False, False, True]] and grid[1, 1] == 0.75
+    random = panels[2].get_images()[0].get_array()
+    assert random.shape == (2, 3) and 0.0 <= random.min() and random.max() < 0.9
+    assert len(plots.compare_figure(report, reference=False).axes) == 3  # 2 panels + colour bar
