@@ -242,3 +242,27 @@ def test_minilm_on_rotten_tomatoes_a_few_steps(tmp_path):
     model = peft.PeftModel.from_pretrained(base, tmp_path)
     load = model.load_adapter(tmp_path, adapter_name="check")
     assert load.unexpected_keys == [] and [k for k in load.missing_keys if "check" in k] == []
+
+
+def test_cli_sigkill_leaves_only_complete_files_and_resume_finishes(assets, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--model", str(assets["bert"]), "--data", str(assets["csv"]), "--batch-size", "4",
+            "--steps", "300", "--checkpoint-every", "1", "--output-dir", str(out), "--quiet"]
+    proc = run_cli(*args)  # a checkpoint every step: the kill likely lands inside a write
+    deadline = time.time() + 60
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    visible = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+    assert visible == ["checkpoint.pt"]
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]  # complete and readable
+    assert 1 <= step < 300
+
+    proc = run_cli(*args, "--resume")
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "metrics.json"]
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 300

@@ -21,6 +21,12 @@ CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
 
 
+def remove_stale_temp_files(directory: Path) -> None:
+    """Delete temp files a killed run left mid-write (`fileio.atomic_path` names them `.<name>.*.tmp`)."""
+    for path in directory.glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+
+
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     """This process's torch RNG states (CPU, and the CUDA device it trains on)."""
     state = {"cpu": torch.get_rng_state()}

@@ -34,7 +34,16 @@ from ..config import LoraConfig
 from ..errors import LoraAnalysisError
 from ..fileio import atomic_write_text
 from ..lora import extract_adapter, inject_lora, is_adaptable, lora_layers
-from .checkpoint import CHECKPOINT_NAME, check_recipe, load_checkpoint, restore_trainable, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    check_recipe,
+    load_checkpoint,
+    remove_stale_temp_files,
+    restore_trainable,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import TrainConfig
 from .data import ShuffledStream, TextDataset, collate, encode, load_dataset, split_dataset
 from .distributed import DistContext, all_reduce_sum, barrier, gather_to_main, init_distributed, resolve_device
@@ -129,6 +138,8 @@ class _Run:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        if self.ctx.is_main and self.output_dir is not None and self.output_dir.is_dir():
+            remove_stale_temp_files(self.output_dir)  # SIGKILL can interrupt an atomic write
         if self.config.resume:
             self._resume()
         if self.step == 0 and self.config.eval_every:
