@@ -85,6 +85,8 @@ def _add_training_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step per process (default: %(default)s)")
     g.add_argument("--max-seq-len", type=int, default=d.max_seq_len, help="tokens per example (default: %(default)s)")
+    g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                   help="draw batches without grouping examples of similar length (more padding, slower)")
     g = parser.add_argument_group("run")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="validate at step 0 and every N steps (default 0: only at the end)")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)

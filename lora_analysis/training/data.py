@@ -18,7 +18,7 @@ import json
 import lzma
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -273,16 +273,39 @@ class ShuffledStream:
     The batch of a step is a pure function of (seed, step), so the data position of a run is
     its step count and a resumed run sees exactly the batches it would have seen. Under DDP
     the global batch of `batch_size · world_size` is cut into contiguous per-rank slices.
+
+    With `lengths`, batches are grouped by length: each run of GROUP_BATCHES consecutive
+    global batches of the permutation is sorted by length, cut into batches again, and the
+    batches are shuffled. A batch is padded to its longest example, so grouping cuts the
+    padded tokens (on Rotten Tomatoes, 48 per row on average instead of 27 real ones) while
+    every example is still seen once per epoch in random company.
     """
 
-    def __init__(self, num_examples: int, seed: int):
+    GROUP_BATCHES = 50
+
+    def __init__(self, num_examples: int, seed: int, lengths: Sequence[int] | None = None, global_batch: int = 1):
         self.num_examples, self.seed = num_examples, seed
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        self.global_batch = global_batch
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(self.num_examples)
+            self._epoch = epoch
+            self._order = order if self.lengths is None else self._group_by_length(order, rng)
         return self._order
+
+    def _group_by_length(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        chunk = self.GROUP_BATCHES * self.global_batch
+        grouped = []
+        for start in range(0, len(order), chunk):
+            part = order[start : start + chunk]
+            part = part[np.argsort(-self.lengths[part], kind="stable")]
+            batches = [part[i : i + self.global_batch] for i in range(0, len(part), self.global_batch)]
+            grouped += [batches[i] for i in rng.permutation(len(batches))]
+        return np.concatenate(grouped)
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
         start = (step * world_size + rank) * batch_size

@@ -120,7 +120,8 @@ class _Run:
         self.pad_id = tokenizer.pad_token_id
         self.train_ids = encode(self.train_set.texts, tokenizer, config.max_seq_len)
         self.val_ids = encode(self.val_set.texts, tokenizer, config.max_seq_len)
-        self.stream = ShuffledStream(len(self.train_set), config.seed)
+        lengths = [len(ids) for ids in self.train_ids] if config.group_by_length else None
+        self.stream = ShuffledStream(len(self.train_set), config.seed, lengths, config.batch_size * ctx.world_size)
 
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
