@@ -11,7 +11,7 @@ from .main import add_common_options
 
 EPILOG = """\
 examples:
-  lora-analysis reproduce                         # MiniLM + Rotten Tomatoes -> figures/ (~20 min on 2 CPU cores)
+  lora-analysis reproduce                         # MiniLM + Rotten Tomatoes -> figures/ (~12 min on 2 CPU cores)
   lora-analysis reproduce --quick --out /tmp/fig  # a few steps per run: a first look in under 2 minutes
   lora-analysis reproduce --model ./my-bert --data reviews.csv --targets query,value --layers 0 6 11
 
