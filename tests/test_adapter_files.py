@@ -265,3 +265,14 @@ def test_apply_unknown_alpha_uses_scale_one_and_refuses_duplicates(tiny_bert):
         twice = Adapter({name: unknown[name], name.removeprefix("bert."): unknown[name]})
     with pytest.raises(LoraAnalysisError, match="same model module"):
         apply_adapter(tiny_bert, twice)
+
+
+def test_equal_adapters_are_byte_identical_files(tmp_path, tiny_bert):
+    """safetensors orders header metadata at random; save_adapter must not."""
+    from lora_analysis import LoraConfig, extract_adapter, inject_lora, save_adapter
+
+    adapter = extract_adapter(inject_lora(tiny_bert, LoraConfig(r=4, modules_to_save=["classifier"]), seed=0))
+    files = [save_adapter(adapter, tmp_path / f"a{i}.safetensors").read_bytes() for i in range(8)]
+    assert all(f == files[0] for f in files)
+    dirs = [save_adapter(adapter, tmp_path / f"d{i}") / "adapter_model.safetensors" for i in range(4)]
+    assert all(d.read_bytes() == dirs[0].read_bytes() for d in dirs)

@@ -4,7 +4,6 @@ directory, exactly as a user's local model would be, with a word-level tokenizer
 from __future__ import annotations
 
 import csv
-import json
 import random
 from pathlib import Path
 
@@ -76,11 +75,6 @@ def write_corpus_txt(path: Path, n: int = 120, seed: int = 0) -> Path:
     return path
 
 
-def adapter_bytes(directory: Path) -> tuple[str, bytes]:
-    """The adapter file as (header JSON with sorted keys, tensor bytes).
-
-    Byte-for-byte except for the order of the header's metadata keys, which safetensors writes
-    from a Rust HashMap in random order (a save_adapter matter, not the training's)."""
-    raw = (directory / "adapter_model.safetensors").read_bytes()
-    size = int.from_bytes(raw[:8], "little")
-    return json.dumps(json.loads(raw[8 : 8 + size]), sort_keys=True), raw[8 + size :]
+def adapter_bytes(directory: Path) -> bytes:
+    """The adapter file, byte for byte (save_adapter writes equal adapters as equal bytes)."""
+    return (directory / "adapter_model.safetensors").read_bytes()

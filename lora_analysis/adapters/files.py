@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from ..config import LoraConfig
 from ..errors import AdapterFormatError
-from ..fileio import atomic_write, atomic_write_text
+from ..fileio import atomic_write_bytes, atomic_write_text
 from .adapter import Adapter, LoraModule
 from .layouts import Factors, peft_state_dict, split_state_dict
 from .peft_config import config_from_peft_dict, default_and_pattern, peft_config_dict
@@ -60,14 +60,33 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike) -> Path:
     unknown = [name for name, m in adapter.items() if not m.alpha_known]
     if unknown:
         metadata[HEADER_ALPHA_UNKNOWN_KEY] = json.dumps(unknown)
+    data = deterministic_safetensors(tensors, metadata)
     if path.suffix == ".safetensors":
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        atomic_write_bytes(path, data)
         return path
     if path.exists() and not path.is_dir():
         raise AdapterFormatError(path, "exists and is not a directory (end the name in .safetensors for one file)")
-    atomic_write(path / WEIGHTS_NAMES[0], lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write_bytes(path / WEIGHTS_NAMES[0], data)
     atomic_write_text(path / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return path
+
+
+def deterministic_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with the header's metadata keys sorted.
+
+    safetensors writes `__metadata__` in hash-map order, which changes from run to run; sorting
+    it makes equal adapters byte-identical files. Only the order changes, so the header keeps
+    its length and no data offset moves.
+    """
+    data = bytearray(safetensors_bytes(tensors, metadata=metadata))
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(canonical) > length:  # never for a reordering; keep the library's own header then
+        return bytes(data)
+    data[8 : 8 + length] = canonical.ljust(length, b" ")
+    return bytes(data)
 
 
 def _portable(tensor: torch.Tensor) -> torch.Tensor:
