@@ -76,7 +76,7 @@ def default_and_pattern(default: V | None, pattern: dict[str, V], values: dict[s
 
 def portable_model_name(name: str | None) -> str | None:
     """A base-model name safe to write into a config: an absolute (or `~`) local path is reduced
-    to its last component (`/home/me/models/minilm/` → `minilm`); hub ids and relative names
+    to its last component (`/data/models/minilm/` → `minilm`); hub ids and relative names
     are kept."""
     if name and (os.path.isabs(name) or name.startswith("~")):
         return PurePath(name).name

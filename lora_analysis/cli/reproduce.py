@@ -12,7 +12,7 @@ from .main import add_common_options
 EPILOG = """\
 examples:
   lora-analysis reproduce                         # MiniLM + Rotten Tomatoes -> figures/ (~12 min on 2 CPU cores)
-  lora-analysis reproduce --quick --out /tmp/fig  # a few steps per run: a first look in under 2 minutes
+  lora-analysis reproduce --quick --out fig-quick # a few steps per run: a first look in about a minute
   lora-analysis reproduce --model ./my-bert --data reviews.csv --targets query,value --layers 0 6 11
 
 Trains (or reuses, from --run-dir) adapters of ranks 1, 2, 4, 8, 64 with two seeds on
