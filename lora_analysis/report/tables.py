@@ -217,11 +217,17 @@ def render_markdown(title: str, header: Sequence[str], tables: Sequence[Table]) 
     out = [f"# {title}", "", *(f"- {h}" for h in header), ""]
     for table in tables:
         out += [f"## {table.title}", ""]
-        out.append("| " + " | ".join(_md_cell(c) for c in table.columns) + " |")
-        out.append("|" + "|".join("---:" if num else ":---" for num in table.numeric) + "|")
-        out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
+        out += markdown_table(table.columns, table.rows, table.numeric)
         out += [""] + [f"*{_md_cell(n)}*  " for n in table.notes] + [""]
     return "\n".join(out)
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence], numeric: Sequence[bool] | None = None) -> list[str]:
+    """Lines of a GitHub pipe table; `numeric` columns are right-aligned."""
+    numeric = numeric or [False] * len(columns)
+    lines = ["| " + " | ".join(_md_cell(str(c)) for c in columns) + " |"]
+    lines.append("|" + "|".join("---:" if num else ":---" for num in numeric) + "|")
+    return lines + ["| " + " | ".join(_md_cell(str(c)) for c in row) + " |" for row in rows]
 
 
 def _md_cell(text: str) -> str:

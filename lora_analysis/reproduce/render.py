@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..fileio import atomic_write_text
 from ..plots import PhiPanel, phi_figure, save_figure
+from ..report import tables as report_tables
 from .section7 import FIG8_RANKS, TABLE7_RANKS, Section7
 
 # Paper Table 7 (GPT-3 175B, layer 48, W_q) and Section 7 claims, for side-by-side numbers.
@@ -210,15 +211,20 @@ def rank_table(s7: Section7, out: Path) -> list[dict]:
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return "\n".join(report_tables.markdown_table(header, rows)) + "\n"
 
 
 def to_csv(rows: list[list]) -> str:
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    csv.writer(buffer, lineterminator="\n").writerows([[significant(v) if isinstance(v, float) else v for v in row] for row in rows])
     return buffer.getvalue()
+
+
+def significant(x: float, digits: int = 6) -> float:
+    """`x` to the digits float32 analyses support. Same inputs and settings give identical
+    files; another BLAS thread count moves float32 results around the 7th digit, which can
+    still flip the 6th here and there."""
+    return float(f"{float(x):.{digits}g}")
 
 
 # Claims --------------------------------------------------------------------------------------
@@ -281,7 +287,7 @@ def readme(s7: Section7, results: dict, command: str) -> str:
         "## The paper's claims on this model",
         "",
         markdown_table(["claim", "paper (GPT-3)", "this model", "holds here"],
-                       [[c["claim"], c["paper"], c["measured"], "yes" if c["holds"] else "**no**"] for c in results["claims"]]),
+                       [[c["claim"], c["paper"], c["measured"], "yes" if c["holds"] else "no"] for c in results["claims"]]),
         "## Figure 3: subspace similarity between ranks",
         "",
         "![fig3](fig3.png)",
@@ -329,7 +335,7 @@ def _jsonable(x):
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     if isinstance(x, (np.floating, float)):
-        return None if not math.isfinite(float(x)) else float(x)
+        return None if not math.isfinite(float(x)) else significant(x)
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (np.bool_,)):
