@@ -51,8 +51,14 @@ class LoraConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
         """Build from a PEFT/our config dict, ignoring fields we do not model."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return from_known_fields(cls, data)
+
+
+def from_known_fields(cls: type, data: dict[str, Any]) -> Any:
+    """`cls(**data)` for a dataclass, dropping keys that are not its fields (newer or foreign
+    configs carry more than we model)."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from lora_analysis import BaseWeights, LoraConfig, extract_adapter, inject_lora, merge_lora
 from lora_analysis.errors import LoraAnalysisError, ModuleResolutionError
+from lora_test_utils import randomize_lora
 
 QUERY = "bert.encoder.layer.0.attention.self.query"
 
@@ -55,9 +56,7 @@ def test_gpt2_conv1d_weights_are_transposed_to_linear_orientation(tiny_gpt2, tmp
     """W + s·B·A from BaseWeights equals the merged model's weight, for Conv1D (square and not)."""
     tiny_gpt2.save_pretrained(tmp_path)  # HF layout: Conv1D weights stored as (d_in, d_out)
     model = inject_lora(tiny_gpt2, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"]), seed=0)
-    for layer in model.modules():
-        if hasattr(layer, "lora_B"):
-            torch.nn.init.normal_(layer.lora_B, generator=torch.Generator().manual_seed(1))
+    randomize_lora(model, seed=1)
     adapter = extract_adapter(model)
     in_memory = BaseWeights(model)  # LoRA-wrapped layers give their frozen base weight
     before = {name: in_memory.weight(name, adapter[name]) for name in adapter}

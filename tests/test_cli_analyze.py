@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 from lora_analysis import LoraConfig, extract_adapter, inject_lora, load_adapter, save_adapter
 from lora_analysis.cli import main
-from lora_analysis.lora import lora_layers
 from lora_analysis.report import load_schema
+from lora_test_utils import randomize_lora
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft
 
@@ -41,19 +41,11 @@ def validated(text: str) -> dict:
     return report
 
 
-def randomize_b(model, seed: int) -> None:
-    """Trained-looking adapters: B = 0 after init would make ΔW = 0."""
-    g = torch.Generator().manual_seed(seed)
-    for layer in lora_layers(model):
-        with torch.no_grad():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
-
-
 @pytest.fixture
 def ours(tiny_bert, tmp_path):
     """Our core: r = 4, α = 8 on query/value of a 2-layer BERT; saved in the PEFT layout."""
     model = inject_lora(copy.deepcopy(tiny_bert), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]), seed=0)
-    randomize_b(model, 0)
+    randomize_lora(model, 0)
     path = tmp_path / "ours"
     save_adapter(extract_adapter(model), path)
     return path

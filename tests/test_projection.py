@@ -22,6 +22,7 @@ from lora_analysis.analysis import (
 )
 from lora_analysis.analysis import projection as projection_module
 from lora_analysis.errors import LoraAnalysisError
+from lora_test_utils import randomize_lora
 
 
 @pytest.fixture(autouse=True)
@@ -185,9 +186,7 @@ def test_intruder_dimensions_against_materialized_svd(exact_max_dim):
 
 def test_analyze_adapter_with_base_weights(tiny_bert):
     model = inject_lora(tiny_bert, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]), seed=0)
-    for layer in model.modules():
-        if hasattr(layer, "lora_B"):
-            torch.nn.init.normal_(layer.lora_B, generator=torch.Generator().manual_seed(0))
+    randomize_lora(model, seed=0)
     adapter = extract_adapter(model)
     base = BaseWeights(model)
     analysis = analyze_adapter(adapter, base, progress=False, device="cpu")

@@ -12,6 +12,7 @@ import torch
 from lora_analysis import Adapter, LoraConfig, LoraModule, extract_adapter, inject_lora
 from lora_analysis.analysis import adapter_spectra, analyze_adapter, iter_spectra, module_spectrum, rank_metrics
 from lora_analysis.errors import LoraAnalysisError
+from lora_test_utils import randomize_lora
 
 
 def make_module(d_out, d_in, r, seed=0, rank=None, alpha=None, dtype=torch.float32, **kwargs) -> LoraModule:
@@ -176,9 +177,7 @@ def test_rank_metrics_flat_spectrum_and_tolerance():
 
 def test_adapter_from_lora_core_and_analyze_without_base(tiny_gpt2):
     model = inject_lora(tiny_gpt2, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"]), seed=0)
-    for layer in model.modules():
-        if hasattr(layer, "lora_B"):
-            torch.nn.init.normal_(layer.lora_B, generator=torch.Generator().manual_seed(0))
+    randomize_lora(model, seed=0)
     adapter = extract_adapter(model)
     analysis = analyze_adapter(adapter, taus=(0.8,), progress=False, device="cpu")
     assert list(analysis.modules) == list(adapter.modules)

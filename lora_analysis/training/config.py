@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..config import ALL_LINEAR
+from ..config import ALL_LINEAR, from_known_fields
 from ..errors import LoraAnalysisError
 from .data import TASKS
 
@@ -109,8 +109,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return from_known_fields(cls, data)
 
     def recipe(self) -> dict[str, Any]:
         """The fields that determine the trained adapter (what must match to resume)."""
