@@ -13,7 +13,6 @@ the adapter module's (d_out, d_in); a square one follows the module's `fan_in_fa
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -22,7 +21,8 @@ from safetensors import safe_open
 from torch import nn
 
 from .adapters import LoraModule
-from .errors import LoraAnalysisError
+from .errors import InputFileError, LoraAnalysisError
+from .fileio import read_json
 from .lora import LoraLinear, is_conv1d
 from .naming import resolve_module_name
 
@@ -176,10 +176,10 @@ def _weight_files(path: Path) -> list[Path]:
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         index = path / index_name
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise LoraAnalysisError(f"{index}: not a shard index with a 'weight_map' ({e})") from None
+            index_data = read_json(index, "shard index")
+            weight_map = index_data.get("weight_map") if isinstance(index_data, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise InputFileError(index, "not a shard index: 'weight_map' must map tensor names to file names")
             files = [path / f for f in dict.fromkeys(weight_map.values())]
             missing = [str(f) for f in files if not f.exists()]
             if missing:

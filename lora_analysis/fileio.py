@@ -1,16 +1,24 @@
-"""Atomic file writes: a temp file in the target directory, fsync, then rename.
+"""File I/O rules shared by every package: atomic writes and strict JSON reading.
 
-An interrupted run (SIGINT, SIGKILL, power loss) leaves either the old file or the new one,
-never a half-written file.
+Atomic writes: a temp file in the target directory, fsync, then rename. An interrupted run
+(SIGINT, SIGKILL, power loss) leaves either the old file or the new one, never a half-written file.
+
+JSON: `read_json` / `parse_json` are the one way a file's JSON is read. Anything that is not
+strict RFC 8259 JSON with finite float64-representable numbers (Python's `json` accepts `NaN`,
+`Infinity` and turns `1e400` into inf), or is nested too deeply to parse, is refused with one line
+naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
+
+from .errors import InputFileError, shown
 
 
 @contextlib.contextmanager
@@ -49,3 +57,42 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def parse_json(text: str | bytes, path: str | os.PathLike, what: str,
+               error: type[InputFileError] = InputFileError) -> Any:
+    """`text` parsed as strict JSON; `error(path, "corrupt <what>: ...")` when it is not."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_float_range_int)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        reason = "nested too deeply" if isinstance(err, RecursionError) else shown(err)
+        raise error(path, f"corrupt {what}: not valid JSON ({reason})") from None
+
+
+def read_json(path: str | os.PathLike, what: str, error: type[InputFileError] = InputFileError) -> Any:
+    """The JSON content of the file at `path` (see `parse_json`); unreadable files are refused too."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise error(path, f"cannot read {what} ({err.strerror or err})") from None
+    return parse_json(data, path, what, error)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {shown(text, 40)} is out of float64 range")
+    return value
+
+
+def _float_range_int(text: str) -> int:
+    if len(text.lstrip("-")) > 309:  # ≥ 10^309 > the largest float64: no finite float holds it
+        raise ValueError(f"integer of {len(text)} digits is out of float64 range")
+    value = int(text)
+    if abs(value) > 2**1024 - 2**971:  # above float64's max it would become inf
+        raise ValueError(f"integer {shown(text, 40)} is out of float64 range")
+    return value

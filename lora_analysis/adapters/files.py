@@ -23,7 +23,6 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -31,7 +30,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from ..config import LoraConfig
 from ..errors import AdapterFormatError
-from ..fileio import atomic_write_bytes, atomic_write_text
+from ..fileio import atomic_write_bytes, atomic_write_text, parse_json
 from .adapter import Adapter, LoraModule
 from .layouts import Factors, peft_state_dict, split_state_dict
 from .peft_config import config_from_peft_dict, default_and_pattern, peft_config_dict
@@ -146,7 +145,7 @@ def _peft_config(path: Path, weights: Path, metadata: dict[str, str]) -> tuple[L
             raise AdapterFormatError(beside, f"cannot read: {err}") from None
     else:
         return None, source_format
-    return config_from_peft_dict(_parse_json(text, where, what), where), source_format
+    return config_from_peft_dict(parse_json(text, where, what, AdapterFormatError), where), source_format
 
 
 def _modules(split: Factors, config: LoraConfig | None, alpha: float | None, path: Path) -> dict[str, LoraModule]:
@@ -205,7 +204,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             problem = f"truncated: the header needs {header_len} bytes, the file has {size - 8} after its length"
             raise AdapterFormatError(path, problem)
         raw = f.read(header_len)
-    header = _parse_json(raw, path, "safetensors header")
+    header = parse_json(raw, path, "safetensors header", AdapterFormatError)
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
         raise AdapterFormatError(path, "corrupt safetensors header: not a JSON object of tensors")
     metadata = header.pop("__metadata__", {})
@@ -248,17 +247,10 @@ def _unpickler_reason(err: Exception) -> str:
     return type(err).__name__
 
 
-def _parse_json(text: str | bytes, path: str | os.PathLike, what: str) -> Any:
-    try:
-        return json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterFormatError(path, f"corrupt {what}: not valid JSON ({err})") from None
-
-
 def _header_list(metadata: dict[str, str], key: str, path: Path) -> list[str]:
     if key not in metadata:
         return []
-    value = _parse_json(metadata[key], path, f"header {key!r}")
+    value = parse_json(metadata[key], path, f"header {key!r}", AdapterFormatError)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise AdapterFormatError(path, f"corrupt header: {key!r} must be a list of module names")
     return value

@@ -155,7 +155,7 @@ def compare_tables(report: Mapping) -> list[Table]:
     """Per module pair: ranks, φ(1,1), mean top-k diagonal, their chance levels, principal
     angles; plus the modules found in one adapter only."""
     top_k = report["settings"]["top_k"]
-    columns = ["module", "r_a", "r_b", "d", "φ(1,1)", "chance", f"mean φ(i,i) i≤k", "chance",
+    columns = ["module", "r_a", "r_b", "d", "φ(1,1)", "chance", "mean φ(i,i) i≤k", "chance",
                "k", "smallest angle°", "largest angle°"]
     rows = []
     for name, p in report["pairs"].items():

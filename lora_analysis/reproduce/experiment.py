@@ -8,7 +8,6 @@ the sweep and `Runs` gives back adapters and their modules by (rank, seed, targe
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from ..adapters import Adapter, load_adapter
 from ..config import matches_suffix
 from ..errors import LoraAnalysisError
+from ..fileio import read_json
 from ..report.grouping import layer_of
 from ..training import TrainConfig, cell_name, run_sweep
 from ..training.models import resolve_model
@@ -102,7 +102,7 @@ class Runs:
 
     def metrics(self, r: int, seed: int, targets: list[str]) -> dict:
         path = self.cells[cell_name(r, seed, targets)] / "metrics.json"
-        return json.loads(path.read_text())
+        return read_json(path, "training metrics")
 
     @cached_property
     def _adapters(self) -> dict[str, Adapter]:

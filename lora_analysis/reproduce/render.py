@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..fileio import atomic_write_text
 from ..plots import PhiPanel, phi_figure, save_figure
 from ..report import tables as report_tables
-from .section7 import FIG8_RANKS, TABLE7_RANKS, Section7
+from .section7 import TABLE7_RANKS, Section7
 
 # Paper Table 7 (GPT-3 175B, layer 48, W_q) and Section 7 claims, for side-by-side numbers.
 PAPER_TABLE7 = {

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ..adapters import Adapter, load_adapter, save_adapter
 from ..config import LoraConfig
 from ..errors import LoraAnalysisError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, read_json
 from ..lora import extract_adapter, inject_lora, is_adaptable, lora_layers
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -83,10 +83,7 @@ def load_finished(output_dir: Path, config: TrainConfig) -> TrainResult | None:
     metrics_path = output_dir / METRICS_NAME
     if not metrics_path.is_file() or (output_dir / CHECKPOINT_NAME).exists():
         return None
-    try:
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise LoraAnalysisError(f"{metrics_path}: unreadable metrics ({err})") from None
+    metrics = read_json(metrics_path, "training metrics")
     if not metrics.get("completed"):
         return None
     check_recipe(metrics_path, TrainConfig.from_dict(metrics["config"]).recipe(), config.recipe())

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from ..config import ALL_LINEAR
 from ..errors import LoraAnalysisError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, read_json
 from .checkpoint import check_recipe
 from .config import TrainConfig
 from .distributed import init_distributed
@@ -102,10 +102,7 @@ def _shared_recipe(config: TrainConfig) -> dict[str, Any]:
 def _open_manifest(path: Path, base: TrainConfig, ranks, seeds, target_sets) -> dict[str, Any]:
     """The existing manifest (its recipe must match `base`) or a new one; grid and versions updated."""
     if path.is_file():
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise LoraAnalysisError(f"{path}: unreadable sweep manifest ({err})") from None
+        manifest = read_json(path, "sweep manifest")
         if manifest.get("format") != MANIFEST_FORMAT:
             raise LoraAnalysisError(f"{path}: not a sweep manifest ({MANIFEST_FORMAT})")
         check_recipe(path, _shared_recipe(TrainConfig.from_dict(manifest["config"])), _shared_recipe(base))
