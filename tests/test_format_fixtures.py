@@ -12,7 +12,7 @@ must implement, written out once:
              loralib's Conv2d factors (r·k, c_in·k) / (c_out·k, r·k) reshape the same way.
              Δbias = s · B_bias (PEFT lora_bias).
 - lora_experts: ΔW[e] = s · B_e A_e, A_e = A.reshape(E, r, d_in)[e], B_e = B.reshape(d_out, r, E)[:, :, e].
-- lora_merged:  loralib MergedLinear, see `merged_linear_delta`.
+- lora_merged:  fused q|k|v with per-part enable (loralib MergedLinear, LitGPT qkv): `merged_linear_delta`.
 - adalora:   ΔW = s · B (A ∘ E)  (E: (r, 1); s = α / (ranknum + 1e-5)).
 - tucker:    ΔW[o, c, h, w] = s · Σ_ab up[o, a] mid[a, b, h, w] down[b, c].
 - loha:      ΔW = s · (w1_a w1_b) ∘ (w2_a w2_b), reshaped to W.
@@ -127,18 +127,20 @@ def lora_delta(t: dict[str, torch.Tensor], shape: list[int], scale: float, trans
 
 
 def merged_linear_delta(t: dict[str, torch.Tensor], module: dict) -> torch.Tensor:
-    """loralib MergedLinear: lora_A (r·P, d_in) for the P enabled parts, lora_B (d_out·P/n, r) ... as loralib's
-    zero_pad/merge_AB: a grouped 1-D conv of A by B, scattered into the enabled output rows."""
-    parts, enable = module["merged_parts"], module["enable_lora"]
-    enabled = sum(enable)
-    r = t["A"].shape[0] // enabled
-    rows_per_part = module["delta_shape"][0 if not module["fan_in_fan_out"] else 1] // parts
-    blocks = [
-        t["B"][i * rows_per_part : (i + 1) * rows_per_part] @ t["A"][i * r : (i + 1) * r] for i in range(enabled)
-    ]
-    full = torch.zeros(rows_per_part * parts, t["A"].shape[1], dtype=torch.float64)
-    for block, part in zip(blocks, [p for p in range(parts) if enable[p]]):
-        full[part * rows_per_part : (part + 1) * rows_per_part] = block
+    """Fused-projection LoRA (loralib MergedLinear, LitGPT's qkv): W's output rows are split into parts of
+    `part_rows` rows (q | k | v); the n enabled parts share A (r·n, d_in) and B (Σ enabled part rows, r):
+    enabled part i uses A[i·r:(i+1)·r] and the i-th block of B's rows, and its product fills that part's
+    rows of ΔW; disabled parts stay zero. Then s·, transposed for fan_in_fan_out."""
+    rows, enable = module["part_rows"], module["enable_lora"]
+    r = t["A"].shape[0] // sum(enable)
+    full = torch.zeros(sum(rows), t["A"].shape[1], dtype=torch.float64)
+    a_start = b_start = row_start = 0
+    for part_rows, enabled in zip(rows, enable):
+        if enabled:
+            block_b = t["B"][b_start : b_start + part_rows]
+            full[row_start : row_start + part_rows] = block_b @ t["A"][a_start : a_start + r]
+            a_start, b_start = a_start + r, b_start + part_rows
+        row_start += part_rows
     full = module["scale"] * full
     return (full.T if module["fan_in_fan_out"] else full).reshape(module["delta_shape"])
 
