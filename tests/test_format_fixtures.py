@@ -121,6 +121,30 @@ def test_file_keys_exist(folder: Path):
             assert key in tensors, f"{role}: {key}"
 
 
+def value_at(folder: Path, location: list[str]):
+    """Follow an alpha_source path: [json file, key, ...], [safetensors file, tensor key] (0-dim tensor) or
+    [safetensors file, "__metadata__", header key, key, ...] (a header string holding JSON)."""
+    file_name, *path = location
+    if file_name.endswith(".json"):
+        value = json.loads((folder / file_name).read_text())
+    elif path[0] == "__metadata__":
+        with safe_open(folder / file_name, "pt") as handle:
+            header = handle.metadata()
+        value, path = json.loads(header[path[1]]), path[2:]
+    else:
+        return float(adapter_tensors(folder)[path[0]])
+    for key in path:
+        value = value[key]
+    return value
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
+def test_alpha_is_where_alpha_source_says(folder: Path):
+    for module in expected_of(folder)["modules"]:
+        if module["alpha_source"] is not None:
+            assert value_at(folder, module["alpha_source"]) == module["alpha"], module["reference_key"]
+
+
 def lora_delta(t: dict[str, torch.Tensor], shape: list[int], scale: float, transpose: bool) -> torch.Tensor:
     product = scale * (t["B"].flatten(1) @ t["A"].flatten(1))
     return (product.T if transpose else product).reshape(shape)
