@@ -159,14 +159,16 @@ class BaseWeights:
         return self._bin(path)[f"{key}.weight"]
 
     def _index_module(self, model: nn.Module) -> None:
-        wrapped_bases = {id(m.get_base_layer()) for m in model.modules() if isinstance(m, WrappedLayer)}
-        for name, module in model.named_modules():
+        inside: str | None = None  # the path prefix of the wrapper being walked through
+        for name, module in model.named_modules():  # pre-order: a wrapper's parts follow it
+            if inside is not None and name.startswith(inside):
+                continue  # the wrapper's own parts; its base layer is read through the wrapper
+            inside = None
             if isinstance(module, WrappedLayer):
                 if module.merged:
                     raise LoraAnalysisError(f"{self.source}: LoRA layer {name!r} is merged, so its weight is W + ΔW; unmerge it first")
+                inside = f"{name}." if name else ""
                 module = module.get_base_layer()
-            elif id(module) in wrapped_bases:
-                continue
             weight = getattr(module, "weight", None)
             if isinstance(weight, torch.Tensor) and weight.ndim == 2:
                 self._modules[name] = module
