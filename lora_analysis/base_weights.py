@@ -2,8 +2,8 @@
 
 Sources: a Hugging Face model directory (`model.safetensors`, sharded safetensors with
 `model.safetensors.index.json`, or `pytorch_model.bin` loaded with weights_only), a single
-`.safetensors` / `.bin` / `.pt` file, or an in-memory `nn.Module` (LoRA-wrapped layers give
-their frozen base weight). Adapter module names are resolved against the checkpoint's with
+`.safetensors` / `.bin` / `.pt` file, or an in-memory `nn.Module` (layers wrapping a
+pretrained one, such as `lora.LoraLinear`, give their frozen base weight: see `WrappedLayer`). Adapter module names are resolved against the checkpoint's with
 `naming.resolve_module_name` (`base_model.model.`, `bert.`, `model.` prefixes, ...).
 
 W is returned as (d_out, d_in), the `nn.Linear` orientation: GPT-2's Conv1D stores (d_in, d_out)
@@ -14,7 +14,9 @@ the adapter module's (d_out, d_in); a square one follows the module's `fan_in_fa
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from safetensors import safe_open
@@ -23,11 +25,45 @@ from torch import nn
 from .adapters import LoraModule
 from .errors import InputFileError, LoraAnalysisError
 from .fileio import read_json
-from .lora import LoraLinear, is_conv1d
 from .naming import resolve_module_name
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+@runtime_checkable
+class WrappedLayer(Protocol):
+    """A layer wrapping a pretrained one, as `lora.LoraLinear` (and PEFT's LoRA layers) do.
+
+    W is `get_base_layer().weight`, and only while `merged` is False: a merged layer's weight
+    is W + ΔW. This is the seam that lets in-memory models be read without knowing the LoRA
+    core.
+    """
+
+    merged: bool
+
+    def get_base_layer(self) -> nn.Module: ...
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' `Conv1D` (GPT-2), which stores W as (d_in, d_out). A Conv1D can
+    only exist once transformers is imported, so this never imports transformers itself."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a Linear or Conv1D, whatever the weight's storage orientation."""
+    d0, d1 = weight_of(module).shape
+    return (d1, d0) if is_conv1d(module) else (d0, d1)
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """A layer's `weight` tensor (typed: `nn.Module` attributes may also be modules)."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise LoraAnalysisError(f"{type(module).__name__}.weight is not a tensor")
+    return weight
 
 
 class BaseWeights:
@@ -44,7 +80,7 @@ class BaseWeights:
         self._modules: dict[str, nn.Module] = {}
         self._files: dict[str, Path] = {}  # module name → file holding `<name>.weight`
         self._shapes: dict[str, tuple[int, ...]] = {}  # stored shapes
-        self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
+        self._bin_cache: dict[Path, dict[str, Any]] = {}  # a weights-only state dict: tensors and more
         if isinstance(source, nn.Module):
             self.source = f"in-memory {type(source).__name__}"
             self._index_module(source)
@@ -115,7 +151,7 @@ class BaseWeights:
 
     def _read(self, key: str) -> torch.Tensor:
         if key in self._modules:
-            return self._modules[key].weight.detach()
+            return weight_of(self._modules[key]).detach()
         path = self._files[key]
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -123,14 +159,16 @@ class BaseWeights:
         return self._bin(path)[f"{key}.weight"]
 
     def _index_module(self, model: nn.Module) -> None:
-        wrapped_bases = {f"{name}.base" for name, m in model.named_modules() if isinstance(m, LoraLinear)}
-        for name, module in model.named_modules():
-            if isinstance(module, LoraLinear):
+        inside: str | None = None  # the path prefix of the wrapper being walked through
+        for name, module in model.named_modules():  # pre-order: a wrapper's parts follow it
+            if inside is not None and name.startswith(inside):
+                continue  # the wrapper's own parts; its base layer is read through the wrapper
+            inside = None
+            if isinstance(module, WrappedLayer):
                 if module.merged:
                     raise LoraAnalysisError(f"{self.source}: LoRA layer {name!r} is merged, so its weight is W + ΔW; unmerge it first")
-                module = module.base
-            elif name in wrapped_bases:
-                continue
+                inside = f"{name}." if name else ""
+                module = module.get_base_layer()
             weight = getattr(module, "weight", None)
             if isinstance(weight, torch.Tensor) and weight.ndim == 2:
                 self._modules[name] = module
@@ -153,7 +191,7 @@ class BaseWeights:
         except Exception as e:  # noqa: BLE001 — safetensors raises several types for bad files
             raise LoraAnalysisError(f"{path}: cannot read safetensors header ({e})") from None
 
-    def _bin(self, path: Path) -> dict[str, torch.Tensor]:
+    def _bin(self, path: Path) -> dict[str, Any]:
         if path not in self._bin_cache:
             try:  # mmap: tensors are paged in when read, not all at load time
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

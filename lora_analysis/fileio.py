@@ -45,7 +45,7 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Call `write(tmp_path)` and move the result onto `path` atomically."""
     with atomic_path(path) as tmp:
         write(tmp)

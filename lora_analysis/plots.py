@@ -39,7 +39,7 @@ class PhiPanel:
     E[φ(i, j)] = max(i, j)/d for independent random subspaces.
     """
 
-    phi: np.ndarray
+    phi: np.ndarray | Sequence[Sequence[float | None]]  # JSON rows work too (null: masked)
     title: str = ""
     xlabel: str = "j"
     ylabel: str = "i"
@@ -96,13 +96,12 @@ def phi_figure(panels: Sequence[PhiPanel], *, ncols: int | None = None, suptitle
     width, height = panel_size * ncols + 1.0, panel_size * nrows + (0.5 if suptitle else 0.1)
     fig = Figure(figsize=(width, height), layout="constrained", dpi=_dpi(width, height))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    for ax, panel in zip(axes, panels):
-        image = draw_phi(ax, panel)
+    images = [draw_phi(ax, panel) for ax, panel in zip(axes, panels)]
     for ax in axes[n:]:
         ax.set_visible(False)
-    cbar = fig.colorbar(image, ax=axes[:n].tolist(), shrink=min(1.0, 0.9 if nrows > 1 else 1.0))
+    cbar = fig.colorbar(images[-1], ax=axes[:n].tolist(), shrink=min(1.0, 0.9 if nrows > 1 else 1.0))
     cbar.set_label("φ(i, j)")
-    chances = [max(np.shape(p.phi)) / p.dim for p in panels if p.dim]
+    chances = [max(np.asarray(p.phi, dtype=float).shape) / p.dim for p in panels if p.dim]
     if chances and max(chances) < 0.5:  # a mark near the top of the bar would say nothing
         level = max(chances)
         cbar.ax.axhline(level, color="white", linewidth=1.5)
@@ -114,23 +113,23 @@ def phi_figure(panels: Sequence[PhiPanel], *, ncols: int | None = None, suptitle
     return fig
 
 
-def compare_figure(report: Mapping, *, reference: bool = True) -> Figure:
+def compare_figure(report: Mapping, *, reference: np.ndarray | None = None, prefix: str = "") -> Figure:
     """φ heatmap of every module pair of a `compare` report (dict or parsed JSON), paper
-    Figures 3/4; `reference` adds a panel of two random subspaces of the first pair's sizes
-    (Figure 4, third panel). Titles drop the module paths' common prefix (in the suptitle)."""
-    from .analysis import random_reference_grid
-    from .report.grouping import common_prefix
+    Figures 3/4.
 
+    reference: a φ grid of two random subspaces (Figure 4, third panel), drawn last with the
+        first pair's dimension d. prefix: the module paths' common prefix, dropped from the
+        panel titles and shown once in the suptitle. `report.compare_figure` supplies both.
+    """
     pairs = report["pairs"]
-    prefix = common_prefix(list(pairs))
     panels = [
         PhiPanel(np.array(pair["phi"], dtype=float), title=name[len(prefix):], dim=pair["dim"],
                  xlabel=f"j (adapter B, r={pair['r_b']})", ylabel=f"i (adapter A, r={pair['r_a']})")
         for name, pair in pairs.items()
     ]
-    if reference and panels:
-        (n_i, n_j), dim = panels[0].phi.shape, panels[0].dim
-        panels.append(PhiPanel(random_reference_grid(dim, n_i, n_j), title=f"random subspaces (d={dim})",
+    if reference is not None and panels:
+        (n_i, n_j), dim = np.shape(reference), panels[0].dim
+        panels.append(PhiPanel(np.asarray(reference, dtype=float), title=f"random subspaces (d={dim})",
                                xlabel=f"j (random, {n_j} dims)", ylabel=f"i (random, {n_i} dims)", dim=dim))
     suptitle = f"Subspace similarity φ(i, j), basis {report['basis']}" + (f" — {prefix}*" if prefix else "")
     return phi_figure(panels, suptitle=suptitle)
@@ -190,7 +189,7 @@ def spectra_figure(spectra: Mapping[str, Sequence[Mapping]], *, normalize: bool 
     return fig
 
 
-def layer_heatmap(values: Mapping[tuple[str, str], float], *, rows: Sequence[str], columns: Sequence[str],
+def layer_heatmap(values: Mapping[tuple[str, str], float | None], *, rows: Sequence[str], columns: Sequence[str],
                   title: str, label: str, cmap: str = "viridis", log: bool = False,
                   annotate: bool | None = None, fmt: str = "{:.3g}") -> Figure:
     """Heatmap of one metric with projection types as rows and layers as columns.
@@ -208,6 +207,7 @@ def layer_heatmap(values: Mapping[tuple[str, str], float], *, rows: Sequence[str
     fig = Figure(figsize=(max(width, 4.0), max(height, 2.2)), layout="constrained")
     ax = fig.subplots()
     finite = grid[np.isfinite(grid)]
+    norm: Normalize
     if log and finite.size and finite.min() > 0 and finite.max() > 10 * finite.min():
         from matplotlib.colors import LogNorm
 

@@ -21,6 +21,7 @@ from lora_analysis import LoraConfig, extract_adapter, inject_lora, load_adapter
 from lora_analysis.cli import main
 from lora_analysis.report import load_schema
 from lora_test_utils import randomize_lora
+from report_tables import column, html_tables, shown
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft
 
@@ -168,6 +169,22 @@ def test_analyze_peft_bert_html_with_base(peft_bert, bert_base, tmp_path):
     assert page.tables == 5  # two summaries, recommendation, modules, against the base weights
     assert len(page.images) == 4  # spectra, effective-rank heatmap, amplification heatmap, φ against W
     assert all(src.startswith("data:image/png;base64,") for src in page.images) and page.external == []
+
+    # The page shows the JSON report's numbers, module by module and column by column.
+    result = cli("analyze", peft_bert, "--base", bert_base, "--format", "json", "--quiet")
+    data = validated(result.stdout)
+    tables = html_tables(out.read_text(encoding="utf-8"))
+    base, modules = tables["Against the base weights"], tables["Modules"]
+    assert sorted(row[0] for row in base[1]) == sorted(data["modules"]) == sorted(row[0] for row in modules[1])
+    for module, entry in data["modules"].items():
+        b = entry["base"]
+        assert float(column(base, "‖W‖_F")[module]) == shown(b["weight_frobenius_norm"], 4)
+        for label, key in (("‖UᵀWV‖ ΔW", "delta"), ("‖UᵀWV‖ W", "weight"), ("‖UᵀWV‖ random", "random")):
+            assert float(column(base, label)[module]) == shown(b["projection_norms"][key], 4), (module, label)
+        assert float(column(base, "amplification")[module]) == shown(b["amplification"], 3)
+        assert column(base, "intruders")[module] == f"{b['intruders']['count']}/{b['intruders']['top_k']}"
+        assert float(column(modules, "‖ΔW‖_F")[module]) == shown(entry["frobenius_norm"], 4)
+        assert float(column(modules, "stable rank")[module]) == shown(entry["stable_rank"], 3)
 
 
 def test_analyze_peft_gpt2_conv1d_against_base(peft_gpt2):

@@ -11,14 +11,22 @@ base weight is stored as (d_in, d_out) and only ΔW is transposed to match it.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import ItemsView, Iterator
 
 import torch
 
-from ..config import LoraConfig
+from ..config import LoraConfig, effective_alpha, lora_scale
+
+
+def delta_weight(
+    A: torch.Tensor, B: torch.Tensor, scale: float, fan_in_fan_out: bool = False, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Materialized ΔW = s·B·A in `dtype`: A: (r, d_in), B: (d_out, r) → (d_out, d_in), or its
+    transpose (d_in, d_out), the base weight's storage orientation, for fan_in_fan_out."""
+    delta = scale * (B.to(dtype) @ A.to(dtype))
+    return delta.T if fan_in_fan_out else delta
 
 
 @dataclass
@@ -53,26 +61,20 @@ class LoraModule:
 
     @property
     def scale(self) -> float:
-        """s = α/r (α/√r with rsLoRA); 1.0 when α is unknown."""
-        if self.alpha is None:
-            return 1.0
-        return self.alpha / self._alpha_divisor()
+        """s = α/r (α/√r with rsLoRA); 1.0 when α is unknown (`config.lora_scale`)."""
+        return lora_scale(self.alpha, self.r, self.use_rslora)
 
     @property
     def effective_alpha(self) -> float:
         """α, or when it is unknown the α giving the s = 1.0 used instead (r, or √r with rsLoRA)."""
-        return self._alpha_divisor() if self.alpha is None else self.alpha
-
-    def _alpha_divisor(self) -> float:
-        return math.sqrt(self.r) if self.use_rslora else float(self.r)
+        return effective_alpha(self.alpha, self.r, self.use_rslora)
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Materialized ΔW = s·B·A, (d_out, d_in), or (d_in, d_out) for fan_in_fan_out.
 
         For tests and small modules only: the analyses work on the factors.
         """
-        delta = self.scale * (self.B.to(dtype) @ self.A.to(dtype))
-        return delta.T if self.fan_in_fan_out else delta
+        return delta_weight(self.A, self.B, self.scale, self.fan_in_fan_out, dtype)
 
 
 @dataclass
@@ -109,7 +111,7 @@ class Adapter:
     def __getitem__(self, name: str) -> LoraModule:
         return self.modules[name]
 
-    def items(self):
+    def items(self) -> ItemsView[str, LoraModule]:
         return self.modules.items()
 
     @property

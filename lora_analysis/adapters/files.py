@@ -155,6 +155,7 @@ def _modules(split: Factors, config: LoraConfig | None, alpha: float | None, pat
         if config is not None and config.rank_for(name) != r:
             problem = f"config gives module {name!r} rank {config.rank_for(name)}, its factors have rank {r}"
             raise AdapterFormatError(path, problem)
+        module_alpha: float | None
         if split.layout == "kohya":
             module_alpha = split.alphas.get(name, float(r))
         else:

@@ -6,10 +6,15 @@
   (`ModuleSpectrum.basis`), comparisons of modules, adapters and layers, chance level.
 - projection: W's SVD (`weight_svd`, cached), Table 7 (`projection_norms`), Figure 8 (`phi_vs_weight`).
 - intruders: intruder dimensions of W + ΔW (`intruder_dimensions`).
-- analyze: `analyze_adapter`, everything per module for reports.
+- analyze: `analyze_adapter` (`AnalysisOptions`), everything per module for reports.
+
+Random references (random subspaces, sketches) are drawn with `seeding.seeded_generator` and
+`seeding.random_basis`, re-exported here.
 """
 
-from .analyze import AdapterAnalysis, ModuleAnalysis, analyze_adapter
+from ..config import BASIS_KINDS, BasisKind
+from ..seeding import random_basis, seeded_generator
+from .analyze import AdapterAnalysis, AnalysisOptions, ModuleAnalysis, analyze_adapter
 from .intruders import Intruders, intruder_dimensions
 from .projection import (
     ProjectionNorms,
@@ -29,16 +34,12 @@ from .similarity import (
     compare_layers,
     compare_modules,
     principal_angles,
-    random_basis,
     random_reference_grid,
-    seeded_generator,
     subspace_similarity,
 )
 from .spectrum import (
-    BASIS_KINDS,
     DEFAULT_TAUS,
     Basis,
-    BasisKind,
     ModuleSpectrum,
     RankMetrics,
     adapter_spectra,
@@ -52,6 +53,7 @@ __all__ = [
     "DEFAULT_TAUS",
     "AdapterAnalysis",
     "AdapterComparison",
+    "AnalysisOptions",
     "Basis",
     "BasisKind",
     "Comparison",

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from ..errors import LoraAnalysisError
+from ..seeding import seeded_generator
 from .projection import WeightSpectrum, randomized_svd, weight_svd
-from .similarity import seeded_generator
 from .spectrum import ModuleSpectrum
 
 

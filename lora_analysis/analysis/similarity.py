@@ -12,7 +12,6 @@ E‖U_iᵀU_j‖²_F = ij/d, so E[φ(i, j)] = max(i, j)/d.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -20,9 +19,11 @@ import numpy as np
 import torch
 
 from ..adapters import Adapter
+from ..config import BasisKind
 from ..errors import LoraAnalysisError
-from ..naming import strip_known_prefixes
-from .spectrum import Basis, BasisKind, ModuleSpectrum, adapter_spectra
+from ..naming import layer_of, layer_pattern, strip_known_prefixes
+from ..seeding import random_basis, seeded_generator
+from .spectrum import Basis, ModuleSpectrum, adapter_spectra
 
 Spectra = Mapping[str, ModuleSpectrum]
 
@@ -77,19 +78,6 @@ def chance_level(k1: int, k2: int, d: int) -> np.ndarray:
     return np.maximum(i, j) / d
 
 
-def seeded_generator(seed: int) -> torch.Generator:
-    """A CPU generator for `seed`, scrambled through numpy's SeedSequence: torch's generators
-    seeded with consecutive small integers give measurably correlated first draws."""
-    state = np.random.SeedSequence(seed).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
-def random_basis(d: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Uniformly random orthonormal (d, k): QR of a Gaussian matrix with sign-fixed R."""
-    Q, R = torch.linalg.qr(torch.randn(d, k, generator=generator, dtype=torch.float64))
-    return Q * torch.sign(torch.diagonal(R)).where(torch.diagonal(R) != 0, torch.ones(()))
-
-
 def random_reference_grid(d: int, k1: int, k2: int, seed: int = 0) -> np.ndarray:
     """φ grid of two independent random subspaces of Rᵈ (paper Fig. 4, third panel): (k1, k2)."""
     generator = seeded_generator(seed)
@@ -106,7 +94,7 @@ class Comparison:
     """
 
     grid: np.ndarray
-    basis: str
+    basis: BasisKind
     dim: int
     rank_a: int
     rank_b: int
@@ -118,7 +106,7 @@ class Comparison:
     @property
     def chance(self) -> np.ndarray:
         """Chance level max(i, j)/d, same shape as `grid`."""
-        return chance_level(*self.grid.shape, self.dim)
+        return chance_level(self.grid.shape[0], self.grid.shape[1], self.dim)
 
     def phi(self, i: int, j: int) -> float:
         """φ(i, j), 1-based."""
@@ -166,7 +154,7 @@ class AdapterComparison:
     matched: dict[str, str]
     only_in_a: list[str]
     only_in_b: list[str]
-    basis: str
+    basis: BasisKind
 
 
 def compare_adapters(
@@ -226,10 +214,7 @@ class LayerComparison:
     names: list[str]
     phi_11: np.ndarray
     top_k_mean: np.ndarray
-    basis: str
-
-
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+    basis: BasisKind
 
 
 def compare_layers(
@@ -237,17 +222,16 @@ def compare_layers(
 ) -> dict[str, LayerComparison]:
     """Layer-vs-layer φ inside one adapter, per module type (e.g. `encoder.layer.*.attention.self.query`).
 
-    The layer index is the last `.<int>.` component of the module name; module types present
-    in a single layer are skipped.
+    Layer and module type come from `naming.layer_of` / `naming.layer_pattern` (the first
+    integer component of the path, so MoE experts and T5 sub-layers stay apart); module types
+    present in a single layer are skipped.
     """
     spectra = _spectra(adapter, progress)
     groups: dict[str, list[tuple[int, str]]] = {}
     for name in spectra:
-        found = list(_LAYER_INDEX.finditer(name))
-        if found:
-            last = found[-1]
-            module_type = f"{name[: last.start()]}.*.{name[last.end():]}"
-            groups.setdefault(module_type, []).append((int(last.group(1)), name))
+        layer, module_type = layer_of(name), layer_pattern(name)
+        if layer is not None and module_type is not None:
+            groups.setdefault(module_type, []).append((layer[1], name))
     result = {}
     for module_type, members in groups.items():
         if len(members) < 2:

@@ -16,18 +16,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..adapters import Adapter, LoraModule
+from ..config import BASIS_KINDS, BasisKind
+from ..devices import resolve_device
 from ..errors import LoraAnalysisError
 
 DEFAULT_TAUS: tuple[float, ...] = (0.9, 0.99)
-BasisKind = Literal["A", "B", "dW-left", "dW-right"]
-BASIS_KINDS: tuple[str, ...] = ("A", "B", "dW-left", "dW-right")
+T = TypeVar("T")
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Basis:
     rotation: torch.Tensor
     singular_values: torch.Tensor
     rank: int
-    kind: str
+    kind: BasisKind
 
     @property
     def dim(self) -> int:
@@ -81,7 +82,7 @@ class ModuleSpectrum:
     R_A: torch.Tensor = field(repr=False)  # (k_a, r) float64
     core_U: torch.Tensor = field(repr=False)  # (k_b, m) float64
     core_V: torch.Tensor = field(repr=False)  # (k_a, m) float64
-    _bases: dict[str, Basis] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _bases: dict[BasisKind, Basis] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -102,6 +103,11 @@ class ModuleSpectrum:
     def eps(self) -> float:
         return torch.finfo(self.Q_B.dtype).eps
 
+    @property
+    def frobenius_norm(self) -> float:
+        """‖ΔW‖_F = √Σσ² over the singular values above the tolerance (`frobenius_norm`)."""
+        return frobenius_norm(self.S, self.tolerance)
+
     def basis(self, kind: BasisKind = "A") -> Basis:
         """Singular vectors for φ (paper Eq. 4), computed once per kind.
 
@@ -113,17 +119,19 @@ class ModuleSpectrum:
             self._bases[kind] = self._basis(kind)
         return self._bases[kind]
 
-    def _basis(self, kind: str) -> Basis:
+    def _basis(self, kind: BasisKind) -> Basis:
         if kind == "dW-left":
             return Basis(self.Q_B, self.core_U, self.S, self.numerical_rank, kind)
         if kind == "dW-right":
             return Basis(self.Q_A, self.core_V, self.S, self.numerical_rank, kind)
         if kind == "A":  # A = R_Aᵀ Q_Aᵀ; R_Aᵀ = P Σ Tᵀ  ⇒  right vectors of A: Q_A T
             _, sv, th = torch.linalg.svd(self.R_A.T, full_matrices=False)
-            return Basis(self.Q_A, th.T, sv, numerical_rank(sv, max(self.r, self.d_in), self.eps), kind)
+            tolerance = rank_tolerance(sv, max(self.r, self.d_in), self.eps)
+            return Basis(self.Q_A, th.T, sv, numerical_rank(sv, tolerance), kind)
         if kind == "B":  # B = Q_B R_B; R_B = P Σ Tᵀ  ⇒  left vectors of B: Q_B P
             p, sv, _ = torch.linalg.svd(self.R_B, full_matrices=False)
-            return Basis(self.Q_B, p, sv, numerical_rank(sv, max(self.r, self.d_out), self.eps), kind)
+            tolerance = rank_tolerance(sv, max(self.r, self.d_out), self.eps)
+            return Basis(self.Q_B, p, sv, numerical_rank(sv, tolerance), kind)
         raise LoraAnalysisError(f"unknown basis {kind!r}: use one of {', '.join(BASIS_KINDS)}")
 
     def metrics(self, taus: Sequence[float] = DEFAULT_TAUS) -> "RankMetrics":
@@ -151,13 +159,20 @@ class RankMetrics:
 
 
 def rank_tolerance(S: torch.Tensor, dim: int, eps: float) -> float:
-    """dim·eps·σ₁ for descending S (the numpy `matrix_rank` rule)."""
+    """dim·eps·σ₁ for descending S (the numpy `matrix_rank` rule): singular values at or below
+    it are numerically zero."""
     return float(dim * eps * S[0]) if S.numel() else 0.0
 
 
-def numerical_rank(S: torch.Tensor, dim: int, eps: float) -> int:
-    """#σ > `rank_tolerance`."""
-    return int((S > rank_tolerance(S, dim, eps)).sum())
+def numerical_rank(S: torch.Tensor | np.ndarray, tolerance: float) -> int:
+    """#σ > `tolerance` (see `rank_tolerance`)."""
+    return int((S > tolerance).sum())
+
+
+def frobenius_norm(S: torch.Tensor | np.ndarray, tolerance: float = 0.0) -> float:
+    """‖ΔW‖_F = √Σσ² (float64) over the singular values above `tolerance`."""
+    s = np.asarray(torch.as_tensor(S).detach().cpu(), dtype=np.float64)
+    return math.sqrt(float(np.square(s[s > tolerance]).sum()))
 
 
 def rank_metrics(S: torch.Tensor | np.ndarray, taus: Sequence[float] = DEFAULT_TAUS, tolerance: float = 0.0) -> RankMetrics:
@@ -166,8 +181,8 @@ def rank_metrics(S: torch.Tensor | np.ndarray, taus: Sequence[float] = DEFAULT_T
         if not 0.0 < tau <= 1.0:
             raise LoraAnalysisError(f"energy threshold tau must be in (0, 1], got {tau}")
     s = np.sort(np.asarray(torch.as_tensor(S).detach().cpu(), dtype=np.float64))[::-1]
+    rank = numerical_rank(s, tolerance)
     s = np.where(s > tolerance, s, 0.0)
-    rank = int((s > 0).sum())
     energy = s**2
     total = energy.sum()
     if rank == 0:
@@ -176,7 +191,7 @@ def rank_metrics(S: torch.Tensor | np.ndarray, taus: Sequence[float] = DEFAULT_T
     # Relative slack so that e.g. τ = 0.5 of four equal values gives 2, not 3, under rounding.
     energy_rank = {float(t): int(np.searchsorted(cumulative, t * total * (1 - 1e-12)) + 1) for t in taus}
     return RankMetrics(
-        frobenius=math.sqrt(total),
+        frobenius=frobenius_norm(s, tolerance),
         sigma_max=float(s[0]),
         stable_rank=float(total / s[0] ** 2),
         roy_vetterli_rank=_exp_entropy(s / s.sum()),
@@ -189,13 +204,6 @@ def rank_metrics(S: torch.Tensor | np.ndarray, taus: Sequence[float] = DEFAULT_T
 def _exp_entropy(p: np.ndarray) -> float:
     p = p[p > 0]
     return float(np.exp(-(p * np.log(p)).sum()))
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" → CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def module_spectrum(
@@ -234,8 +242,17 @@ def adapter_spectra(
 ) -> dict[str, ModuleSpectrum]:
     """Spectrum of every module, in adapter order (see `iter_spectra`)."""
     items = adapter.items()
-    stream = tqdm(items, total=len(items), desc="spectra", unit="module", disable=not progress)
-    return dict(iter_spectra(stream, device, dtype))
+    return dict(with_progress(iter_spectra(items, device, dtype), len(items), "spectra", progress))
+
+
+def with_progress(results: Iterable[T], total: int, desc: str, enabled: bool = True) -> Iterator[T]:
+    """`results` with a progress bar on stderr counting modules DONE: the bar advances when the
+    consumer asks for the next result, i.e. once it has finished with the previous one (a bar
+    over the inputs would reach 100 % while the last batch is still being computed)."""
+    with tqdm(total=total, desc=desc, unit="module", disable=not enabled) as bar:
+        for result in results:
+            yield result
+            bar.update()
 
 
 def _shape_key(m: LoraModule) -> tuple:
@@ -291,7 +308,7 @@ def _spectra_of_batch(modules: list[LoraModule], device: torch.device, dtype: to
         spectra.append(
             ModuleSpectrum(
                 S=S[i],
-                numerical_rank=int((S[i] > tolerance).sum()),
+                numerical_rank=numerical_rank(S[i], tolerance),
                 tolerance=tolerance,
                 r=m.r,
                 d_out=m.d_out,

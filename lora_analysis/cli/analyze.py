@@ -1,8 +1,8 @@
 """`lora-analysis analyze` (what is in one adapter) and `lora-analysis compare` (φ between two).
 
-Start-up stays lean: this module imports only the standard library; the analysis (torch),
-the report renderers and matplotlib (HTML, --plot) are imported when a command runs and
-needs them.
+Start-up stays lean: this module imports only the standard library and torch-free tables;
+the analysis (torch), the report renderers and matplotlib (HTML, --plot) are imported when a
+command runs and needs them.
 """
 
 from __future__ import annotations
@@ -12,13 +12,17 @@ import contextlib
 import fnmatch
 import os
 import sys
+from typing import TYPE_CHECKING, Iterator
 
+from ..config import BASIS_KINDS
 from ..errors import LoraAnalysisError
 from .main import add_common_options
 
+if TYPE_CHECKING:
+    from ..adapters import Adapter
+
 REPORT_FORMATS = ("text", "markdown", "json", "html")
 COMPARE_FORMATS = ("text", "markdown", "json")
-BASES = ("A", "B", "dW-left", "dW-right")
 
 ANALYZE_EPILOG = """\
 Metrics of ΔW = s·B·A are computed exactly from the factors (QR + r×r SVD), never by
@@ -46,7 +50,7 @@ examples:
 """
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     analyze = subparsers.add_parser(
         "analyze", help="rank analysis of one adapter (tables, JSON, HTML)",
         description="Rank analysis of a LoRA adapter: per-module spectrum of ΔW, effective ranks, "
@@ -89,7 +93,7 @@ def register(subparsers) -> None:
     )
     compare.add_argument("adapter_a", metavar="ADAPTER_A")
     compare.add_argument("adapter_b", metavar="ADAPTER_B")
-    compare.add_argument("--basis", choices=BASES, default="A",
+    compare.add_argument("--basis", choices=BASIS_KINDS, default="A",
                          help="A: right-singular vectors of A (paper default); B: left of B; "
                               "dW-left / dW-right: of ΔW (default: A)")
     compare.add_argument("--format", choices=COMPARE_FORMATS, default="text", help="report format (default: text)")
@@ -105,7 +109,7 @@ def register(subparsers) -> None:
 
 def run_analyze(args: argparse.Namespace) -> int:
     from ..adapters import load_adapter
-    from ..analysis import analyze_adapter
+    from ..analysis import AnalysisOptions, analyze_adapter
     from ..report import analyze_report, render_report
 
     adapter = load_adapter(args.adapter, alpha=args.alpha)
@@ -117,11 +121,11 @@ def run_analyze(args: argparse.Namespace) -> int:
         base = BaseWeights(args.base)
         base_names = {name: base.resolve(name) for name in selected}  # fail before the long work
     _progress(args, f"analyzing {len(selected)} module(s) of {args.adapter}")
-    analysis = analyze_adapter(
-        selected, base, taus=sorted(set(args.tau)), progress=not args.quiet, weight_k=args.weight_k,
-        intruders=args.intruders, intruder_k=args.intruder_k, intruder_epsilon=args.intruder_epsilon,
-        device=args.device,
+    options = AnalysisOptions(
+        taus=sorted(set(args.tau)), weight_k=args.weight_k, intruders=args.intruders, intruder_k=args.intruder_k,
+        intruder_epsilon=args.intruder_epsilon, device=args.device,
     )
+    analysis = analyze_adapter(selected, base, options, progress=not args.quiet)
     report = analyze_report(
         analysis, selected, num_modules=len(adapter), base_names=base_names, patterns=args.modules, top=args.top,
     )
@@ -149,7 +153,8 @@ def run_compare(args: argparse.Namespace) -> int:
         raise LoraAnalysisError(f"{args.adapter_a} and {args.adapter_b}: no module in common "
                                 f"(A has e.g. {_examples(report['only_in_a'])}; B has e.g. {_examples(report['only_in_b'])})")
     if args.plot:
-        from ..plots import compare_figure, save_figure
+        from ..plots import save_figure
+        from ..report.figures import compare_figure
 
         with _writing(args.plot):
             save_figure(compare_figure(report), args.plot)
@@ -158,7 +163,7 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _select(adapter, patterns: list[str] | None, path: str):
+def _select(adapter: Adapter, patterns: list[str] | None, path: str) -> Adapter:
     """The adapter restricted to modules whose path matches any glob pattern (all if None)."""
     if not patterns:
         return adapter
@@ -187,7 +192,7 @@ def _emit(text: str, args: argparse.Namespace) -> None:
 
 
 @contextlib.contextmanager
-def _writing(path: str):
+def _writing(path: str) -> Iterator[None]:
     """An unwritable output path is bad input (exit 2), not a crash."""
     try:
         yield

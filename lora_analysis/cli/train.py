@@ -1,15 +1,18 @@
-"""`lora-analysis train` and `lora-analysis sweep`: train LoRA adapters with our own core."""
+"""`lora-analysis train` and `lora-analysis sweep`: train LoRA adapters with our own core.
+
+The parser reads `TrainConfig`'s defaults and the data tables, none of which import torch; the
+training code is imported when a command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import fields
+from typing import Any
 
 from ..config import ALL_LINEAR
-from ..training import TrainConfig, cell_name, run_sweep, train
-from ..training.config import parse_targets
-from ..training.data import BUILTIN_DATASETS
-from ..training.distributed import is_main_process
+from ..training.config import TrainConfig, parse_targets
+from ..training.data import BUILTIN_DATASETS, TASKS
 from .main import add_common_options
 
 TRAIN_EPILOG = """\
@@ -59,7 +62,7 @@ def _add_training_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
     targets_help = f"comma-separated module-name suffixes, '{ALL_LINEAR}', or 're:<regex>' (default: query,value)"
     g = parser.add_argument_group("model and data")
     g.add_argument("--model", default=d.model, help="'minilm' (built-in) or a local Hugging Face model directory")
-    g.add_argument("--task", default=d.task, choices=["classification", "causal-lm"])
+    g.add_argument("--task", default=d.task, choices=TASKS)
     g.add_argument("--data", default=d.data, help=f"built-in ({', '.join(BUILTIN_DATASETS)}) or a .csv/.tsv/.jsonl/.txt file")
     g.add_argument("--text-column", help="text column (default: text)")
     g.add_argument("--label-column", help="label column (default: label)")
@@ -95,13 +98,16 @@ def _add_training_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--output-dir", required=True, help="adapter directory" + (" root: one subdirectory per cell" if sweep else ""))
 
 
-def _config(args: argparse.Namespace, **cell) -> TrainConfig:
+def _config(args: argparse.Namespace, **cell: Any) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     values.update(cell, progress=not args.quiet)
     return TrainConfig(**values)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..training import train
+    from ..training.distributed import is_main_process
+
     result = train(_config(args, targets=parse_targets(args.targets)))
     if is_main_process():
         print(_summary(str(result.output_dir), result.metrics, result.status))
@@ -109,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
+    from ..training import cell_name, run_sweep
+    from ..training.distributed import is_main_process
+
     target_sets = [parse_targets(t) for t in args.targets]
     base = _config(args, r=args.ranks[0], seed=args.seeds[0], targets=target_sets[0], output_dir=None)
     result = run_sweep(base, args.output_dir, args.ranks, args.seeds, target_sets)
@@ -124,7 +133,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(name: str, metrics: dict, status: str) -> str:
+def _summary(name: str, metrics: dict[str, Any], status: str) -> str:
     final, initial = metrics.get("final") or {}, metrics.get("initial") or {}
     key = "val_accuracy" if "val_accuracy" in final else "val_perplexity"
     score = f"{key} {final[key]:.4f}" if key in final else "no validation set"

@@ -11,8 +11,21 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
-from .grouping import layer_labels, model_order, projection_type
+from ..naming import projection_type
+from ..version import __version__
+from .grouping import layer_labels, model_order
 from .summary import recommendation, summarize, tau_key
+from .types import (
+    AdapterInfo,
+    AnalyzedAdapterInfo,
+    AnalyzeReport,
+    BaseReport,
+    Chance,
+    CompareReport,
+    ModulePair,
+    ModuleReport,
+    PhiGrid,
+)
 
 if TYPE_CHECKING:
     from ..adapters import Adapter, LoraModule
@@ -22,12 +35,10 @@ SCHEMA_VERSION = "1.0"
 
 
 def generator() -> str:
-    from .. import __version__
-
     return f"lora-analysis {__version__}"
 
 
-def adapter_info(adapter: "Adapter") -> dict:
+def adapter_info(adapter: "Adapter") -> AdapterInfo:
     """`schema.json#/$defs/adapter_info` of an adapter (path: where it was loaded from)."""
     return {
         "path": adapter.source or "",
@@ -46,7 +57,7 @@ def analyze_report(
     base_names: Mapping[str, str] | None = None,
     patterns: Sequence[str] | None = None,
     top: int | None = None,
-) -> dict:
+) -> AnalyzeReport:
     """The `analyze` report of `adapter` (its selected modules) from `analysis`, modules in
     model order (`grouping.model_order`).
 
@@ -66,10 +77,12 @@ def analyze_report(
         ranked = sorted(entries, key=lambda n: entries[n]["frobenius_norm"], reverse=True)[:top]
         shown = {name: entries[name] for name in ranked}
     intruders = next((r.intruders for r in analysis.modules.values() if r.intruders is not None), None)
-    info = adapter_info(adapter)
-    info["num_modules"] = len(adapter) if num_modules is None else num_modules
-    info["num_analyzed"] = len(entries)
-    info["num_parameters"] = sum(e["parameters"] for e in entries.values())
+    info: AnalyzedAdapterInfo = {
+        **adapter_info(adapter),
+        "num_modules": len(adapter) if num_modules is None else num_modules,
+        "num_analyzed": len(entries),
+        "num_parameters": sum(e["parameters"] for e in entries.values()),
+    }
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "analyze",
@@ -91,7 +104,7 @@ def analyze_report(
 
 
 def module_entry(name: str, module: "LoraModule", result: "ModuleAnalysis", taus: Sequence[float],
-                 layer: str | None, base_name: str) -> dict:
+                 layer: str | None, base_name: str) -> ModuleReport:
     """`schema.json#/$defs/module_report` of one module from its factors and analysis."""
     metrics = result.metrics
     energy_rank = {tau_key(t): int(metrics.energy_rank[t]) for t in taus}
@@ -115,13 +128,16 @@ def module_entry(name: str, module: "LoraModule", result: "ModuleAnalysis", taus
         "recommended_rank": energy_rank,
         "parameter_saving": {k: (module.r - v) * (module.d_in + module.d_out) for k, v in energy_rank.items()},
         "singular_values": [float(s) for s in result.spectrum.S],
-        "base": None if result.projection is None else base_entry(result, base_name),
+        "base": base_entry(result, base_name),
     }
 
 
-def base_entry(result: "ModuleAnalysis", base_name: str) -> dict:
-    """`schema.json#/$defs/base_report`: one module against its pretrained weight W."""
+def base_entry(result: "ModuleAnalysis", base_name: str) -> BaseReport | None:
+    """`schema.json#/$defs/base_report`: one module against its pretrained weight W (None when
+    it was analysed without one)."""
     projection, intruders = result.projection, result.intruders
+    if projection is None or result.phi_vs_weight is None:
+        return None
     return {
         "base_module": base_name,
         "weight_frobenius_norm": projection.weight_norm,
@@ -138,9 +154,9 @@ def base_entry(result: "ModuleAnalysis", base_name: str) -> dict:
     }
 
 
-def phi_grid(grid: np.ndarray, dim: int, top_k: int | None = None) -> dict:
+def phi_grid(grid: np.ndarray, dim: int, top_k: int | None = None) -> PhiGrid:
     """`schema.json#/$defs/phi_grid`: φ as rows (NaN → null), d, and the chance level."""
-    chance = {"formula": "max(i, j) / d", "phi_1_1": 1.0 / dim}
+    chance: Chance = {"formula": "max(i, j) / d", "phi_1_1": 1.0 / dim}
     if top_k:
         chance["mean_top_k_diagonal"] = (top_k + 1) / 2 / dim  # mean of i/d over i = 1..k
     return {"phi": [[_number(x) for x in row] for row in np.asarray(grid, dtype=float)], "dim": dim, "chance": chance}
@@ -153,9 +169,9 @@ def compare_report(
     *,
     top_k: int | None = None,
     patterns: Sequence[str] | None = None,
-) -> dict:
+) -> CompareReport:
     """The `compare` report: per module pair the full φ grid, summary numbers, chance level."""
-    pairs = {}
+    pairs: dict[str, ModulePair] = {}
     for name_a, c in comparison.modules.items():
         name_b = comparison.matched[name_a]
         pairs[name_a] = {
@@ -183,7 +199,7 @@ def compare_report(
     }
 
 
-def _zero_note(entries: Mapping[str, Mapping]) -> list[str]:
+def _zero_note(entries: Mapping[str, ModuleReport]) -> list[str]:
     zero = [name for name, e in entries.items() if e["frobenius_norm"] == 0.0]
     if not zero:
         return []
@@ -191,7 +207,7 @@ def _zero_note(entries: Mapping[str, Mapping]) -> list[str]:
             "Their ranks are 0 and the recommendation drops them"]
 
 
-def _number(x) -> float | None:
+def _number(x: float | np.floating | None) -> float | None:
     """float, or None for None/NaN/Inf (JSON has no NaN)."""
     if x is None:
         return None

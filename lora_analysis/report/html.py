@@ -8,8 +8,10 @@ import base64
 import html
 from typing import Mapping, Sequence
 
-from .grouping import common_prefix, layer_of, model_order
+from ..naming import layer_of
+from .grouping import common_prefix, model_order
 from .tables import Table, analyze_header, analyze_tables
+from .types import AnalyzeReport, ModuleReport, base_of
 
 MAX_PHI_PANELS = 12
 NUM_CLASS = ' class="num"'
@@ -31,7 +33,7 @@ figcaption { font-size: 0.85em; color: #555; }
 """
 
 
-def render_html(report: Mapping) -> str:
+def render_html(report: AnalyzeReport) -> str:
     """The whole page for an `analyze` report (matplotlib is imported here, lazily)."""
     title = f"LoRA analysis: {report['adapter']['path']}"
     parts = [
@@ -50,7 +52,7 @@ def render_html(report: Mapping) -> str:
     return "\n".join(parts)
 
 
-def analyze_figures(report: Mapping) -> list[tuple[bytes, str]]:
+def analyze_figures(report: AnalyzeReport) -> list[tuple[bytes, str]]:
     """(PNG bytes, caption) of each figure of the page."""
     from .. import plots
 
@@ -61,12 +63,13 @@ def analyze_figures(report: Mapping) -> list[tuple[bytes, str]]:
                 "Singular values of ΔW per module, normalized by σ₁, by projection type; colour = layer.")]
     rows, columns = _grid_axes(modules)
     if columns:
-        cells = {(m["projection"], m["layer"]): m["energy_effective_rank"] for m in modules.values() if m["layer"] is not None}
+        cells: dict[tuple[str, str], float | None] = {
+            (m["projection"], m["layer"]): m["energy_effective_rank"] for m in modules.values() if m["layer"] is not None}
         figures.append((plots.figure_bytes(plots.layer_heatmap(
             cells, rows=rows, columns=columns, title="Energy effective rank exp(H(σ²/Σσ²)) of ΔW", label="effective rank")),
             "Energy effective rank per layer and projection type (grey: no LoRA module there)."))
         if report["base"] is not None:
-            cells = {(m["projection"], m["layer"]): m["base"]["amplification"] for m in modules.values() if m["layer"] is not None}
+            cells = {(m["projection"], m["layer"]): base_of(m)["amplification"] for m in modules.values() if m["layer"] is not None}
             figures.append((plots.figure_bytes(plots.layer_heatmap(
                 cells, rows=rows, columns=columns, title="Amplification ‖ΔW‖_F / ‖UᵀWV‖_F", label="amplification",
                 cmap="magma", log=True)),
@@ -75,8 +78,8 @@ def analyze_figures(report: Mapping) -> list[tuple[bytes, str]]:
     if report["base"] is not None:
         largest = sorted(modules, key=lambda n: modules[n]["frobenius_norm"], reverse=True)[:MAX_PHI_PANELS]
         prefix = common_prefix(largest)
-        panels = [plots.PhiPanel(modules[n]["base"]["phi_weight"]["phi"], title=n[len(prefix):], xlabel="j (top-j of ΔW)",
-                                 ylabel="i (top-i of W)", dim=modules[n]["base"]["phi_weight"]["dim"]) for n in largest]
+        panels = [plots.PhiPanel(base_of(modules[n])["phi_weight"]["phi"], title=n[len(prefix):], xlabel="j (top-j of ΔW)",
+                                 ylabel="i (top-i of W)", dim=base_of(modules[n])["phi_weight"]["dim"]) for n in largest]
         panels = [p for p in panels if len(p.phi) and len(p.phi[0])]
         if panels:
             suptitle = "φ between W and ΔW (left singular vectors)" + (f" — {prefix}*" if prefix else "")
@@ -86,7 +89,7 @@ def analyze_figures(report: Mapping) -> list[tuple[bytes, str]]:
     return figures
 
 
-def spectra_by_projection(modules: Mapping[str, Mapping]) -> dict[str, list[dict]]:
+def spectra_by_projection(modules: Mapping[str, ModuleReport]) -> dict[str, list[dict]]:
     """Module spectra grouped by projection type, in the form `plots.spectra_figure` takes."""
     groups: dict[str, list[dict]] = {}
     for name, m in modules.items():
@@ -96,11 +99,11 @@ def spectra_by_projection(modules: Mapping[str, Mapping]) -> dict[str, list[dict
     return groups
 
 
-def _grid_axes(modules: Mapping[str, Mapping]) -> tuple[list[str], list[str]]:
+def _grid_axes(modules: Mapping[str, ModuleReport]) -> tuple[list[str], list[str]]:
     """Rows (projection types) and columns (layers), both in model order."""
     layered = sorted((n for n, m in modules.items() if m["layer"] is not None), key=model_order)
     rows = list(dict.fromkeys(modules[n]["projection"] for n in sorted(layered, key=lambda n: model_order(n)[1])))
-    columns = list(dict.fromkeys(modules[n]["layer"] for n in layered))
+    columns = list(dict.fromkeys(layer for n in layered if (layer := modules[n]["layer"]) is not None))
     return rows, columns
 
 

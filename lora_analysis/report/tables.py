@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Sequence
 
+from ..config import BASIS_DESCRIPTIONS
 from .grouping import common_prefix
 from .summary import tau_key
+from .types import AnalyzeReport, CompareReport, GroupSummary, PhiGrid, Recommendation, base_of
 
 MISSING = "—"
 
@@ -28,7 +30,7 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
 
-def fmt(value, digits: int = 4) -> str:
+def fmt(value: float | int | bool | None, digits: int = 4) -> str:
     """A number for a table: integers as is, floats to `digits` significant digits, None → —."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return MISSING
@@ -47,7 +49,7 @@ def percent(tau: float) -> str:
 # ---------------------------------------------------------------------------- analyze
 
 
-def analyze_tables(report: Mapping) -> list[Table]:
+def analyze_tables(report: AnalyzeReport) -> list[Table]:
     """Summary by projection and by layer, rank recommendation, per-module table, and the
     table against the base weights when the report has one."""
     taus = report["settings"]["energy_thresholds"]
@@ -64,7 +66,7 @@ def analyze_tables(report: Mapping) -> list[Table]:
     return tables
 
 
-def _group_table(title: str, key: str, groups: Sequence[Mapping], taus, with_base: bool) -> Table:
+def _group_table(title: str, key: str, groups: Sequence[GroupSummary], taus: Sequence[float], with_base: bool) -> Table:
     columns = [key, "modules", "params", "‖ΔW‖_F", "stable rank", "energy eff. rank", "num. rank"]
     columns += [f"r@{percent(t)}" for t in taus]
     if with_base:
@@ -82,7 +84,7 @@ def _group_table(title: str, key: str, groups: Sequence[Mapping], taus, with_bas
     return Table(title, columns, rows, [False] + [True] * (len(columns) - 1), notes)
 
 
-def _recommendation_table(recommendation: Sequence[Mapping]) -> Table:
+def _recommendation_table(recommendation: Sequence[Recommendation]) -> Table:
     columns = ["energy kept", "params now", "params at recommended ranks", "saving", "saving %"]
     rows = [[percent(r["energy"]), fmt(r["parameters"]), fmt(r["recommended_parameters"]), fmt(r["saving"]),
              f"{100 * r['saving_fraction']:.1f}%"] for r in recommendation]
@@ -90,7 +92,7 @@ def _recommendation_table(recommendation: Sequence[Mapping]) -> Table:
     return Table("Rank recommendation", columns, rows, [False, True, True, True, True], notes)
 
 
-def _module_table(report: Mapping, taus) -> Table:
+def _module_table(report: AnalyzeReport, taus: Sequence[float]) -> Table:
     columns = ["module", "shape", "r", "α", "scale", "‖ΔW‖_F", "σ₁", "stable rank", "Roy-Vetterli rank",
                "energy eff. rank", *[f"r@{percent(t)}" for t in taus], "num. rank"]
     rows = []
@@ -112,12 +114,12 @@ def _module_table(report: Mapping, taus) -> Table:
     return Table(title, columns, rows, [False, False] + [True] * (len(columns) - 2), notes)
 
 
-def _base_table(report: Mapping) -> Table:
+def _base_table(report: AnalyzeReport) -> Table:
     columns = ["module", "‖W‖_F", "‖ΔW‖_F", "‖UᵀWV‖ ΔW", "‖UᵀWV‖ W", "‖UᵀWV‖ random", "amplification",
                "φ_W(k, k)", "chance", "intruders"]
     rows = []
     for name, m in report["modules"].items():
-        b = m["base"]
+        b = base_of(m)
         proj = b["projection_norms"]
         k, phi_kk = _phi_weight_corner(b["phi_weight"])
         rows.append([
@@ -139,7 +141,7 @@ def _base_table(report: Mapping) -> Table:
     return Table("Against the base weights", columns, rows, [False] + [True] * (len(columns) - 1), notes)
 
 
-def _phi_weight_corner(grid: Mapping) -> tuple[int, float | None]:
+def _phi_weight_corner(grid: PhiGrid) -> tuple[int, float | None]:
     """(k, φ(k, k)) at the largest unmasked diagonal entry of a φ grid; (0, None) if none."""
     phi = grid["phi"]
     for k in range(min(len(phi), len(phi[0]) if phi else 0), 0, -1):
@@ -151,7 +153,7 @@ def _phi_weight_corner(grid: Mapping) -> tuple[int, float | None]:
 # ---------------------------------------------------------------------------- compare
 
 
-def compare_tables(report: Mapping) -> list[Table]:
+def compare_tables(report: CompareReport) -> list[Table]:
     """Per module pair: ranks, φ(1,1), mean top-k diagonal, their chance levels, principal
     angles; plus the modules found in one adapter only."""
     top_k = report["settings"]["top_k"]
@@ -167,7 +169,7 @@ def compare_tables(report: Mapping) -> list[Table]:
             fmt(angles[0] if angles else None, 3), fmt(angles[-1] if angles else None, 3),
         ])
     notes = [
-        f"basis {report['basis']}: {BASIS_NOTES[report['basis']]}; φ(i, j) = ‖U_iᵀ V_j‖²_F / min(i, j) (paper Eq. 4)",
+        f"basis {report['basis']}: {BASIS_DESCRIPTIONS[report['basis']]}; φ(i, j) = ‖U_iᵀ V_j‖²_F / min(i, j) (paper Eq. 4)",
         (f"k = min({top_k}, numerical ranks)" if top_k else "k = the smaller numerical rank")
         + "; chance = expected φ of independent random subspaces, max(i, j)/d",
     ]
@@ -177,14 +179,6 @@ def compare_tables(report: Mapping) -> list[Table]:
     if unmatched:
         tables.append(Table("Modules in one adapter only", ["module", "present in"], unmatched, [False, False]))
     return tables
-
-
-BASIS_NOTES = {
-    "A": "right-singular vectors of A (input space)",
-    "B": "left-singular vectors of B (output space)",
-    "dW-left": "left-singular vectors of ΔW (output space)",
-    "dW-right": "right-singular vectors of ΔW (input space)",
-}
 
 
 # ---------------------------------------------------------------------------- renderers
@@ -202,7 +196,7 @@ def render_text(title: str, header: Sequence[str], tables: Sequence[Table]) -> s
             notes.insert(0, f"module paths relative to {prefix}")
         widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(columns)]
 
-        def line(cells):
+        def line(cells: Sequence[str]) -> str:
             return "  ".join(c.rjust(w) if num else c.ljust(w)
                              for c, w, num in zip(cells, widths, table.numeric)).rstrip()
 
@@ -217,24 +211,26 @@ def render_markdown(title: str, header: Sequence[str], tables: Sequence[Table]) 
     out = [f"# {title}", "", *(f"- {h}" for h in header), ""]
     for table in tables:
         out += [f"## {table.title}", ""]
-        out += markdown_table(table.columns, table.rows, table.numeric)
+        out.append(markdown_table(table.columns, table.rows, table.numeric).rstrip("\n"))
         out += [""] + [f"*{_md_cell(n)}*  " for n in table.notes] + [""]
     return "\n".join(out)
 
 
-def markdown_table(columns: Sequence[str], rows: Sequence[Sequence], numeric: Sequence[bool] | None = None) -> list[str]:
-    """Lines of a GitHub pipe table; `numeric` columns are right-aligned."""
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]], numeric: Sequence[bool] | None = None) -> str:
+    """A GitHub pipe table, one line per row, each line ending in a newline; `numeric`
+    columns are right-aligned."""
     numeric = numeric or [False] * len(columns)
     lines = ["| " + " | ".join(_md_cell(str(c)) for c in columns) + " |"]
     lines.append("|" + "|".join("---:" if num else ":---" for num in numeric) + "|")
-    return lines + ["| " + " | ".join(_md_cell(str(c)) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(_md_cell(str(c)) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("*", "\\*").replace("_", "\\_")
 
 
-def analyze_header(report: Mapping) -> list[str]:
+def analyze_header(report: AnalyzeReport) -> list[str]:
     """Lines describing what was analyzed, shown above the tables."""
     adapter, settings = report["adapter"], report["settings"]
     lines = [f"adapter: {adapter['path']} ({adapter['format'] or 'unknown format'})"]
@@ -248,10 +244,10 @@ def analyze_header(report: Mapping) -> list[str]:
     return lines + [f"note: {note}" for note in report["notes"]]
 
 
-def compare_header(report: Mapping) -> list[str]:
+def compare_header(report: CompareReport) -> list[str]:
     a, b = report["adapters"]["a"], report["adapters"]["b"]
     return [
         f"A: {a['path']} ({a['format'] or 'unknown format'}, {a['num_modules']} modules)",
         f"B: {b['path']} ({b['format'] or 'unknown format'}, {b['num_modules']} modules)",
-        f"basis: {report['basis']}, the {BASIS_NOTES[report['basis']]}; {len(report['pairs'])} module pairs compared",
+        f"basis: {report['basis']}, the {BASIS_DESCRIPTIONS[report['basis']]}; {len(report['pairs'])} module pairs compared",
     ]

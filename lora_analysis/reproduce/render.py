@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..fileio import atomic_write_text
 from ..plots import PhiPanel, phi_figure, save_figure
-from ..report import tables as report_tables
+from ..report.tables import markdown_table
 from .section7 import TABLE7_RANKS, Section7
 
 # Paper Table 7 (GPT-3 175B, layer 48, W_q) and Section 7 claims, for side-by-side numbers.
@@ -28,7 +28,7 @@ PAPER_AMPLIFICATION = {4: 6.91 / 0.32, 64: 3.57 / 1.90}
 # ΔW's top directions "not in W's top directions": they capture < 10 % of what W's own top-r
 # directions do (paper: 1.5 % at r = 4, 5 % at r = 64).
 NOT_TOP_RATIO = 0.1
-FIGURE_FORMATS = ("png", "pdf")
+WRITTEN_FORMATS = ("png", "pdf")  # of plots.FIGURE_FORMATS: PNG for the README, PDF for papers
 PANEL_SIZE = 1.75  # inches: four panels fit a two-column paper width with 8-9 pt labels
 
 
@@ -53,12 +53,12 @@ def render_all(s7: Section7, out: Path, command: str, progress: bool = True) -> 
     results["rank_table"] = rank_table(s7, out)
     results["claims"] = claims(results)
     atomic_write_text(out / "results.json", json.dumps(_jsonable(results), indent=1, sort_keys=True) + "\n")
-    atomic_write_text(out / "README.md", readme(s7, results, command))
+    atomic_write_text(out / "README.md", readme(s7, results, command, out))
     return results
 
 
 def _save(fig, out: Path, name: str) -> None:
-    for fmt in FIGURE_FORMATS:
+    for fmt in WRITTEN_FORMATS:
         save_figure(fig, out / f"{name}.{fmt}")
 
 
@@ -111,7 +111,8 @@ def _shared_directions(grid: np.ndarray, threshold: float = 0.5) -> dict:
 
 
 def _per_layer(s7: Section7, out: Path, name: str, compare: Callable, panel: Callable, suptitle: str) -> dict:
-    panels, summary = [], {}
+    panels: list[PhiPanel] = []
+    summary: dict[str, dict[str, dict]] = {}
     for layer in s7.runs.layers:
         for t in s7.targets:
             comparison = compare(t, layer)
@@ -179,7 +180,7 @@ def table7(s7: Section7, out: Path) -> dict:
         + markdown_table(header, rows) + "\n" + markdown_table(norms_rows[0], norms_rows[1:])
     )
     atomic_write_text(out / "table7.md", markdown)
-    csv_rows = [["r", "directions", "projection_norm", "weight_norm", "delta_norm", "amplification"]]
+    csv_rows: list[list[object]] = [["r", "directions", "projection_norm", "weight_norm", "delta_norm", "amplification"]]
     for r in TABLE7_RANKS:
         n = norms[r]
         for col, label in (("delta", "delta_w"), ("weight", "w"), ("random", "random")):
@@ -204,14 +205,10 @@ def rank_table(s7: Section7, out: Path) -> list[dict]:
         f"{s7.runs.config.data} on {s7.runs.config.model}.\n\n" + markdown_table(header, body)
     )
     atomic_write_text(out / "rank_table.md", markdown)
-    csv_rows = [["targets", "r", *(f"seed{s}" for s in seeds), "mean", "spread"]]
+    csv_rows: list[list[object]] = [["targets", "r", *(f"seed{s}" for s in seeds), "mean", "spread"]]
     csv_rows += [["+".join(row["targets"]), row["r"], *row["accuracy"], row["mean"], row["spread"]] for row in rows]
     atomic_write_text(out / "rank_table.csv", to_csv(csv_rows))
     return rows
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    return "\n".join(report_tables.markdown_table(header, rows)) + "\n"
 
 
 def to_csv(rows: list[list]) -> str:
@@ -272,7 +269,8 @@ def claims(results: dict) -> list[dict]:
 
 
 # README --------------------------------------------------------------------------------------
-def readme(s7: Section7, results: dict, command: str) -> str:
+def readme(s7: Section7, results: dict, command: str, out: Path) -> str:
+    """The figures folder's README.md; embeds the tables already written into `out`."""
     config = s7.runs.config
     train = config.train_config()
     q, layer = short(s7.targets[0]), results["layer"]
@@ -302,10 +300,10 @@ def readme(s7: Section7, results: dict, command: str) -> str:
         "",
         f"## Table 7: ‖UᵀW_{q}V‖_F",
         "",
-        _read(s7, "table7.md"),
+        (out / "table7.md").read_text(encoding="utf-8"),
         "## Table 6: accuracy by rank",
         "",
-        _read(s7, "rank_table.md"),
+        (out / "rank_table.md").read_text(encoding="utf-8"),
         "## Every layer (Figures 6 and 7)",
         "",
         "![fig6](fig6.png)",
@@ -325,17 +323,13 @@ def readme(s7: Section7, results: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def _read(s7: Section7, name: str) -> str:
-    return (s7.runs.config.out / name).read_text()
-
-
 def _jsonable(x):
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     if isinstance(x, (np.floating, float)):
-        return None if not math.isfinite(float(x)) else significant(x)
+        return None if not math.isfinite(float(x)) else significant(float(x))
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (np.bool_,)):

@@ -96,7 +96,9 @@ class Section7:
     def projections(self, target: str, layer: int) -> dict[int, ProjectionNorms]:
         """Table 7 at r = 4 and r = 64 (seed 0): ‖UᵀWV‖_F for ΔW's, W's and random directions."""
         W = self.weight(target, layer)
-        return {r: projection_norms(self.spectrum(r, self.seeds[0], target, layer), W, r=r, seed=RANDOM_SEED) for r in TABLE7_RANKS}
+        w_svd = weight_svd(W, max(TABLE7_RANKS))  # once: W is hashed for the cache on every call
+        return {r: projection_norms(self.spectrum(r, self.seeds[0], target, layer), W, r=r, seed=RANDOM_SEED,
+                                    weight_spectrum=w_svd) for r in TABLE7_RANKS}
 
     # Table 6: accuracy by rank -------------------------------------------------------------
     def rank_table(self) -> list[dict]:

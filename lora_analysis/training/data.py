@@ -18,16 +18,18 @@ import json
 import lzma
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Sequence, cast
 
 import numpy as np
-import torch
 
 from ..assets import asset_path
 from ..errors import LoraAnalysisError
 
+if TYPE_CHECKING:
+    import torch
+
 TASKS = ("classification", "causal-lm")
-COMPRESSION = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+COMPRESSION: dict[str, Callable[..., IO[Any]]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "text"}
 
 
@@ -119,7 +121,7 @@ def load_dataset(
         return TextDataset(texts, None, None, str(source))
     if fmt == "text":
         raise LoraAnalysisError(f"{path}: a plain text file has no labels; use CSV, TSV or JSONL for classification")
-    rows = list(_read_rows(path, fmt, text_column, label_column, skip_labels))
+    rows = cast("list[tuple[int, str, str]]", list(_read_rows(path, fmt, text_column, label_column, skip_labels)))  # labelled
     if not rows:
         raise LoraAnalysisError(f"{path}: no labelled examples")
     classes = list(labels) if labels else _sorted_labels({label for _, _, label in rows})
@@ -294,15 +296,15 @@ class ShuffledStream:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(self.num_examples)
             self._epoch = epoch
-            self._order = order if self.lengths is None else self._group_by_length(order, rng)
+            self._order = order if self.lengths is None else self._group_by_length(order, rng, self.lengths)
         return self._order
 
-    def _group_by_length(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _group_by_length(self, order: np.ndarray, rng: np.random.Generator, lengths: np.ndarray) -> np.ndarray:
         chunk = self.GROUP_BATCHES * self.global_batch
         grouped = []
         for start in range(0, len(order), chunk):
             part = order[start : start + chunk]
-            part = part[np.argsort(-self.lengths[part], kind="stable")]
+            part = part[np.argsort(-lengths[part], kind="stable")]
             batches = [part[i : i + self.global_batch] for i in range(0, len(part), self.global_batch)]
             grouped += [batches[i] for i in rng.permutation(len(batches))]
         return np.concatenate(grouped)
@@ -322,6 +324,8 @@ def collate(
 ) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask (B, T_max); labels (B,) for classification,
     else LM labels (B, T_max) with -100 on padding (ignored by the loss)."""
+    import torch  # here, not at the top: the command line reads this module's tables without torch
+
     width = max(len(ids) for ids in token_ids)
     input_ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(token_ids), width), dtype=torch.long)

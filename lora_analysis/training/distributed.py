@@ -15,7 +15,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import LoraAnalysisError
 
 
 @dataclass(frozen=True)
@@ -48,21 +47,6 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
-def resolve_device(device: str, ctx: DistContext) -> torch.device:
-    """"auto" → this process's CUDA device when present, else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise LoraAnalysisError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise LoraAnalysisError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
-    if resolved.type == "cuda" and resolved.index is None:
-        resolved = torch.device("cuda", ctx.local_rank)
-    return resolved
-
-
 def all_reduce_sum(values: list[float], ctx: DistContext, device: torch.device) -> list[float]:
     """Element-wise sum of `values` over all processes (identity when alone)."""
     if not ctx.enabled:
@@ -79,15 +63,6 @@ def gather_to_main(obj: Any, ctx: DistContext) -> list[Any] | None:
     gathered = [None] * ctx.world_size if ctx.is_main else None
     dist.gather_object(obj, gathered, dst=0)
     return gathered
-
-
-def scatter_from_main(objs: list[Any] | None, ctx: DistContext) -> Any:
-    """Rank k receives objs[k] from rank 0; objs[0] when alone."""
-    if not ctx.enabled:
-        return objs[0]
-    received = [None]
-    dist.scatter_object_list(received, objs if ctx.is_main else None, src=0)
-    return received[0]
 
 
 def barrier(ctx: DistContext) -> None:

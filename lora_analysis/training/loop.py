@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from ..adapters import Adapter, load_adapter, save_adapter
 from ..config import LoraConfig
+from ..devices import resolve_device
 from ..errors import LoraAnalysisError
 from ..fileio import atomic_write_text, read_json
 from ..lora import extract_adapter, inject_lora, is_adaptable, lora_layers
@@ -46,7 +47,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import ShuffledStream, TextDataset, collate, encode, load_dataset, split_dataset
-from .distributed import DistContext, all_reduce_sum, barrier, gather_to_main, init_distributed, resolve_device
+from .distributed import DistContext, all_reduce_sum, barrier, gather_to_main, init_distributed
 from .models import PEFT_TASK_TYPES, head_module_names, load_model
 
 METRICS_NAME = "metrics.json"
@@ -74,7 +75,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
         if finished is not None:
             return finished
     ctx = init_distributed(config.device)
-    device = resolve_device(config.device, ctx)
+    device = resolve_device(config.device, ctx.local_rank)
     return _Run(config, ctx, device).run()
 
 
@@ -234,13 +235,14 @@ class _Run:
 
     @property
     def checkpoint_path(self) -> Path:
+        assert self.output_dir is not None, "only runs with an output_dir checkpoint"
         return self.output_dir / CHECKPOINT_NAME
 
     def _save_checkpoint(self, started: float) -> None:
         if self.output_dir is None:
             return
         rng_states = gather_to_main(rng_state(self.device), self.ctx)
-        if self.ctx.is_main:
+        if rng_states is not None:  # rank 0: gather_to_main gives the other ranks None
             progress = dict(self.progress, wall_time_s=self.progress["wall_time_s"] + time.perf_counter() - started)
             save_checkpoint(
                 self.checkpoint_path, step=self.step, model=self.model, optimizer=self.optimizer,
@@ -362,7 +364,7 @@ def library_versions() -> dict[str, str]:
     import numpy
     import transformers
 
-    from .. import __version__
+    from ..version import __version__
 
     return {
         "lora_analysis": __version__,

@@ -8,11 +8,12 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from ..adapters import Adapter
+from ..base_weights import linear_shape
 from ..errors import LoraAnalysisError, ModuleResolutionError
-from ..lora.inject import extra_parameters, mark_trainable, replace_module, unwrapped_parameter_name
-from ..lora.layer import LoraLinear, is_adaptable, linear_shape
 from ..naming import resolve_module_name
-from .adapter import Adapter
+from .inject import extra_parameters, mark_trainable, replace_module, set_lora_config, unwrapped_parameter_name
+from .layer import LoraLinear, is_adaptable
 
 
 def apply_adapter(model: nn.Module, adapter: Adapter, strict: bool = True) -> nn.Module:
@@ -63,7 +64,7 @@ def apply_adapter(model: nn.Module, adapter: Adapter, strict: bool = True) -> nn
             replace_module(model, target, layer)
         for name, target in params.items():
             parameters[target].copy_(adapter.extra_tensors[name])
-    model.lora_config = config
+    set_lora_config(model, config)
     mark_trainable(model, config)
     return model
 
