@@ -10,12 +10,14 @@ from __future__ import annotations
 import atexit
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from ..errors import LoraAnalysisError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,26 @@ def scatter_from_main(objs: list[Any] | None, ctx: DistContext) -> Any:
     received = [None]
     dist.scatter_object_list(received, objs if ctx.is_main else None, src=0)
     return received[0]
+
+
+def decided_on_main(decide: Callable[[], T], ctx: DistContext) -> T:
+    """`decide()` run on rank 0 alone (the process that owns the output files), its result
+    given to every rank. When it raises, rank 0 re-raises and every other rank raises a
+    `LoraAnalysisError` with the same message, so no rank waits forever for one that gave up."""
+    if not ctx.enabled:
+        return decide()
+    outcome: list[Any] = [None]
+    if ctx.is_main:
+        try:
+            outcome = [("ok", decide())]
+        except Exception as err:
+            dist.broadcast_object_list([("error", str(err))], src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise LoraAnalysisError(value)
+    return value
 
 
 def barrier(ctx: DistContext) -> None:
