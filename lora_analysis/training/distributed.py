@@ -8,6 +8,7 @@ batch, and only rank 0 writes files.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -45,9 +46,25 @@ def init_distributed(device: str = "auto") -> DistContext:
         use_cuda = device != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(local_rank)
+        # torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it
+        # is imported. DDP imports it (through torch._dynamo) lazily; imported after the group
+        # exists, it would pin the group for the life of the process, and the group could not
+        # be destroyed at exit (see _leave_process_group). Imported first, its defaults are None.
+        import torch.distributed.nn.functional  # noqa: F401
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        atexit.register(dist.destroy_process_group)
+        atexit.register(_leave_process_group)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group while the interpreter is fully alive, so that gloo's worker
+    and I/O threads are joined here, not left running through interpreter finalization and
+    C++ static destruction, where (under CPU contention) a rank could abort with
+    "terminate called without an active exception". The garbage collection first frees DDP
+    wrappers, whose reference cycles still hold the group."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def resolve_device(device: str, ctx: DistContext) -> torch.device:
