@@ -67,8 +67,10 @@ assert not [t for t in threads if "gloo" in t], threads
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through Linux /proc")
 def test_leaving_the_process_group_joins_gloos_threads_before_interpreter_exit(tmp_path):
-    # Threads left running through interpreter finalization made a rank abort now and then
-    # under load ("terminate called without an active exception"); see distributed._leave_process_group.
+    # A gloo thread still releasing the last collective's work when the interpreter finalized
+    # made a rank abort now and then under load ("terminate called without an active
+    # exception"); at exit the group must be destroyed and its threads joined first. DDP
+    # imports torch.distributed.nn.functional, which used to pin the group so it could not be.
     script = tmp_path / "teardown.py"
     script.write_text(GROUP_TEARDOWN)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

@@ -1,7 +1,8 @@
 """Training never loses or garbles a user's files: refusals to overwrite, the output-directory
 lock, verified checkpoints, consistent adapter pairs, strict metrics and manifests, and
-progress output. Data-loss cases run the real CLI in a subprocess; the many malformed-file
-cases run the same CLI entry point in-process (`main`), which is faster."""
+progress output. The refusals that prevent data loss run the real CLI in a subprocess (and the
+lock is held by a real `train` process); the follow-up runs and the many malformed-file cases
+run the same CLI entry point in-process (`main`), which is faster."""
 
 from __future__ import annotations
 
@@ -115,9 +116,7 @@ def test_train_over_a_finished_adapter_is_refused_unless_overwrite(assets, finis
     users = [out / ".notes.tmp", out / ".adapter_model.safetensors.abc123.tmp", out / "draft.tmp"]
     for path in [ours_stale, *users]:
         path.write_text("keep me?")
-    proc = run_cli(*cli_args(assets, out, "--seed", "1", "--overwrite"))
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr
+    assert main(cli_args(assets, out, "--seed", "1", "--overwrite")) == 0
     assert adapter_bytes(out) != before["adapter_model.safetensors"]
     assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 1
     assert not ours_stale.exists() and all(p.read_text() == "keep me?" for p in users)
@@ -157,7 +156,7 @@ def test_resume_into_an_empty_directory_starts_quietly(assets, tmp_path, capsys)
 
 # The output-directory lock -----------------------------------------------------------------
 
-def test_a_second_training_into_a_directory_in_use_exits_2_naming_the_holder(assets, tmp_path):
+def test_a_second_training_into_a_directory_in_use_exits_2_naming_the_holder(assets, tmp_path, capsys):
     out = tmp_path / "run"
     holder = run_cli(*cli_args(assets, out)[:-5], "--checkpoint-every", "0", "--steps", "1000000", "--output-dir", str(out))
     try:
@@ -165,19 +164,13 @@ def test_a_second_training_into_a_directory_in_use_exits_2_naming_the_holder(ass
         while not (out / LOCK_NAME).is_file() or not (out / LOCK_NAME).read_text():
             assert holder.poll() is None and time.time() < deadline, holder.stderr.read() if holder.poll() else "timeout"
             time.sleep(0.1)
-        second = run_cli(*cli_args(assets, out))
-        _, stderr = second.communicate(timeout=300)
-        assert second.returncode == 2, stderr
-        lines = stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"lora-analysis: error: {out}: in use by another training run (pid {holder.pid} on ")
-        assert ", started 20" in lines[0] and "command: " in lines[0]
+        line = refused_in_process(capsys, cli_args(assets, out), f"{out}: in use by another training run (pid {holder.pid} on ")
+        assert ", started 20" in line and "command: " in line and "train" in line
     finally:
         holder.kill()  # SIGKILL: the kernel releases the lock with the process
         holder.communicate(timeout=60)
     assert holder.returncode == -signal.SIGKILL
-    proc = run_cli(*cli_args(assets, out))  # the crashed holder left a lock file, but no lock
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr
+    assert main(cli_args(assets, out)) == 0  # the killed holder left a lock file, but no lock
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "metrics.json"]
 
 

@@ -57,11 +57,16 @@ def init_distributed(device: str = "auto") -> DistContext:
 
 
 def _leave_process_group() -> None:
-    """Destroy the process group while the interpreter is fully alive, so that gloo's worker
-    and I/O threads are joined here, not left running through interpreter finalization and
-    C++ static destruction, where (under CPU contention) a rank could abort with
-    "terminate called without an active exception". The garbage collection first frees DDP
-    wrappers, whose reference cycles still hold the group."""
+    """Destroy the process group while the interpreter is fully alive, joining gloo's threads.
+
+    Left alive to the end, a gloo worker thread can still be releasing the last collective's
+    work when the interpreter finalizes: that work holds tensors with Python objects, releasing
+    them needs the GIL, and a thread asking for the GIL during finalization is ended by
+    pthread_exit, whose unwinding through C++ destructors calls std::terminate ("terminate
+    called without an active exception", SIGABRT; seen in a core dump of a rank under CPU
+    contention). Destroying the group waits for that work and joins the threads (torch
+    releases the GIL while destroying a gloo group). The garbage collection first frees DDP
+    wrappers, whose reference cycles hold the group."""
     if dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()

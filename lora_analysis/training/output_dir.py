@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from ..adapters.files import CONFIG_NAME, WEIGHTS_NAMES
 from ..errors import InputFileError, LoraAnalysisError
 from ..fileio import lock_directory, read_json, remove_stale_temp_files
-from .checkpoint import CHECKPOINT_NAME, check_recipe, is_eval_record, is_finite, is_int
+from .checkpoint import CHECKPOINT_NAME, is_eval_record, is_finite, is_int
 from .config import TrainConfig
 from .distributed import DistContext, decided_on_main
 
@@ -74,13 +74,10 @@ def _verdict(directory: Path, config: TrainConfig) -> str:
         if has_checkpoint:
             return RESUME
         if (directory / METRICS_NAME).exists():
-            metrics_path = directory / METRICS_NAME
-            saved = TrainConfig.from_dict(read_metrics(metrics_path)["config"]).recipe()
-            check_recipe(metrics_path, saved, config.recipe(), InputFileError)
-            return FINISHED
+            return FINISHED  # its metrics and recipe are checked as it is loaded (loop.load_finished)
         if outputs:
             raise InputFileError(directory, f"holds {', '.join(outputs)} but neither a checkpoint nor a finished run's "
-                                            f"{METRICS_NAME}: nothing to resume; pass --overwrite to replace them")
+                                            f"{METRICS_NAME}: nothing to resume; replace them with --overwrite, or delete them")
         return FRESH
     if has_checkpoint:
         raise InputFileError(directory, f"holds an unfinished run ({CHECKPOINT_NAME}); continue it with --resume, "
