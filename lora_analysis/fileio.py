@@ -36,7 +36,7 @@ from .errors import InputFileError, shown
 try:
     import fcntl
 except ImportError:  # not POSIX (Windows): directories are not locked, with a warning
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 TEMP_SUFFIX = ".lora-analysis-tmp"
 LOCK_NAME = ".lora-analysis.lock"
@@ -154,10 +154,10 @@ def _acquire(path: Path, directory: Path, what: str) -> int:
         if same_file:  # else the holder removed it between our open and lock: take a fresh one
             break
         os.close(fd)
-    holder = {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(sys.argv)}
+    description = {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
+                   "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(sys.argv)}
     os.ftruncate(fd, 0)
-    os.write(fd, json.dumps(holder).encode())
+    os.write(fd, json.dumps(description).encode())
     return fd
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -84,7 +84,7 @@ def _feed(digest: "hashlib._Hash", value: Any) -> None:
     if isinstance(value, torch.Tensor):
         flat = value.detach().cpu().contiguous().reshape(-1)
         digest.update(f"T{value.dtype}{tuple(value.shape)}:".encode())
-        digest.update(flat.view(torch.uint8).numpy())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
     elif isinstance(value, dict):
         digest.update(f"D{len(value)}:".encode())
         for key in sorted(value, key=repr):
@@ -173,8 +173,9 @@ def _check_progress(path: Path, progress: Any, step: int) -> None:
 
 
 def is_eval_record(record: Any, step: int) -> bool:
+    """{"step": 0..step, "<metric>": finite number, ...}: one evaluation of a run."""
     return (
-        isinstance(record, dict) and is_int(record.get("step")) and 0 <= record["step"] <= step
+        isinstance(record, dict) and is_int(at := record.get("step")) and 0 <= at <= step
         and all(isinstance(k, str) and is_finite(v) for k, v in record.items())
     )
 
@@ -238,9 +239,9 @@ def _same_layout(tensor: Any, reference: torch.Tensor) -> bool:
     return isinstance(tensor, torch.Tensor) and tensor.dtype == reference.dtype and tensor.shape == reference.shape
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def is_finite(value: Any) -> bool:
+def is_finite(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -69,9 +69,10 @@ def run_training(config: TrainConfig, bar: tqdm | None = None) -> TrainResult:
     device = resolve_device(config.device, ctx)
     if config.output_dir is None:
         return _Run(config, ctx, device, bar).run()
-    with claim_output_dir(config, ctx) as verdict:
+    output_dir = Path(config.output_dir)
+    with claim_output_dir(config, output_dir, ctx) as verdict:
         if verdict == FINISHED:
-            return load_finished(Path(config.output_dir), config)
+            return load_finished(output_dir, config)
         return _Run(config, ctx, device, bar).run(resume=verdict == RESUME)
 
 
@@ -159,7 +160,8 @@ class _Run:
         """This run's own bar, or the shared one it counts its steps on (without the steps a
         resumed run did before: they are not this invocation's work)."""
         if self.shared_bar is not None:
-            self.shared_bar.total -= self.step
+            if self.shared_bar.total is not None:
+                self.shared_bar.total -= self.step
             yield self.shared_bar
             return
         with tqdm(

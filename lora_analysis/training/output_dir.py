@@ -40,7 +40,7 @@ FRESH, RESUME, FINISHED = "fresh", "resume", "finished"
 
 
 @contextlib.contextmanager
-def locked_on_main(directory: Path, what: str, ctx: DistContext, inspect: Callable[[], T] = lambda: None) -> Iterator[T]:
+def locked_on_main(directory: Path, what: str, ctx: DistContext, inspect: Callable[[], T]) -> Iterator[T]:
     """`directory` locked by rank 0 (the process that writes there) for the `with` block, and
     `inspect()` run by rank 0 under the lock; every rank gets its result, or its error."""
     with contextlib.ExitStack() as held:
@@ -52,10 +52,9 @@ def locked_on_main(directory: Path, what: str, ctx: DistContext, inspect: Callab
         yield decided_on_main(decide, ctx)
 
 
-def claim_output_dir(config: TrainConfig, ctx: DistContext) -> contextlib.AbstractContextManager[str]:
-    """Lock `config.output_dir` for the `with` block and yield what to do there: FRESH (train
-    from step 0), RESUME (continue its checkpoint) or FINISHED (the run is complete)."""
-    directory = Path(config.output_dir)
+def claim_output_dir(config: TrainConfig, directory: Path, ctx: DistContext) -> contextlib.AbstractContextManager[str]:
+    """Lock `directory` (`config.output_dir`) for the `with` block and yield what to do there:
+    FRESH (train from step 0), RESUME (continue its checkpoint) or FINISHED (the run is complete)."""
 
     def inspect() -> str:
         verdict = _verdict(directory, config)

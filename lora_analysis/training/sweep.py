@@ -82,7 +82,7 @@ def run_sweep(
     if len(set(names)) != len(names):
         raise LoraAnalysisError("the sweep grid repeats a cell (duplicate rank, seed or target set)")
     ctx = init_distributed(base.device)
-    with locked_on_main(run_dir, "sweep", ctx):
+    with locked_on_main(run_dir, "sweep", ctx, lambda: None):
         return _sweep(base, run_dir, ctx, list(zip(names, grid)), (ranks, seeds, target_sets))
 
 
