@@ -33,7 +33,7 @@ from ..fileio import atomic_write_bytes, atomic_write_text, parse_json
 from .adapter import Adapter, LazyModules, checked_tensor
 from .containers import LazyTensors, open_tensor_file
 from .formats import AdapterFiles, reader_for
-from .formats.common import ModuleKey, ReadResult
+from .formats.common import ModuleKey
 from .formats.peft import CONFIG_NAME, HEADER_ALPHA_UNKNOWN_KEY, HEADER_CONFIG_KEY, PEFT_PREFIX
 from .peft_config import default_and_pattern, peft_config_dict
 from .updates import LoraModule
@@ -141,7 +141,8 @@ def load_adapter(path: str | os.PathLike, alpha: float | None = None, *, lazy: b
     result = reader.read(files, alpha)
     if not result.modules:
         raise AdapterFormatError(tensors.path, f"holds no adapter modules ({reader.name} layout, {len(files.keys)} other tensors)")
-    specs = {_module_key(key, result): spec for key, spec in result.modules.items()}
+    qualify = len({component for component, _ in result.modules}) > 1
+    specs = {_module_key(key, qualify): spec for key, spec in result.modules.items()}
     modules = LazyModules(tensors, specs)
     extra = LazyTensors(tensors, result.extra)
     config = result.config or _config_describing(modules)
@@ -152,12 +153,11 @@ def load_adapter(path: str | os.PathLike, alpha: float | None = None, *, lazy: b
     return Adapter(eager, config, extras, source=str(path), source_format=result.format, notes=result.notes)
 
 
-def _module_key(key: ModuleKey, result: ReadResult) -> str:
+def _module_key(key: ModuleKey, qualify: bool) -> str:
     """The module's name in the Adapter: its path, as `component/path` when the file holds
-    several components (SD's unet and text encoders may share paths)."""
+    several components (`qualify`: SD's unet and text encoders may share paths)."""
     component, name = key
-    components = {c for c, _ in result.modules}
-    return f"{component}/{name}" if component is not None and len(components) > 1 else name
+    return f"{component}/{name}" if component is not None and qualify else name
 
 
 def _weights_file(directory: Path) -> Path:
