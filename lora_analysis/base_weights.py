@@ -26,7 +26,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .adapters import Update, UpdateInfo
-from .errors import InputFileError, LoraAnalysisError
+from .errors import InputFileError, LoraAnalysisError, ModuleResolutionError
 from .fileio import read_json
 from .naming import resolve_module_name
 
@@ -118,14 +118,20 @@ class BaseWeights:
             return False
         return True
 
-    def resolve(self, name: str, component: str | None = None) -> str:
+    def resolve(self, name: str, component: str | None = None, weight_suffix: str | None = None) -> str:
         """The checkpoint's name for adapter module `name` (of pipeline `component`, when the
-        adapter records one: a checkpoint of several components names it `component.name`);
+        adapter records one: a checkpoint of several components names it `component.name`;
+        `weight_suffix`: a tool's wrapper keeps W at `name.suffix`, tried second);
         `ModuleResolutionError` lists the closest."""
         component, _, path = name.rpartition("/") if "/" in name else (component or "", "", name)
         if component and f"{component}.{path}" in self._shapes:
             return f"{component}.{path}"
-        return resolve_module_name(path, self._shapes, what=f"base weights {self.source}")
+        try:
+            return resolve_module_name(path, self._shapes, what=f"base weights {self.source}")
+        except ModuleResolutionError:
+            if not weight_suffix:
+                raise
+            return resolve_module_name(f"{path}.{weight_suffix}", self._shapes, what=f"base weights {self.source}")
 
     def stored_shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[self.resolve(name)]
@@ -141,7 +147,7 @@ class BaseWeights:
         if info is not None and info.storage.experts:
             raise LoraAnalysisError(f"module {name}: analyses against the base weights of fused expert parameters "
                                     "are not supported")
-        key = self.resolve(name, info.component if info else None)
+        key = self.resolve(name, info.component, info.storage.weight_suffix) if info else self.resolve(name)
         stored = self._read(key)
         if not torch.is_floating_point(stored) or not torch.isfinite(stored).all():
             raise LoraAnalysisError(f"{self.source}: weight {key!r} is not finite floating point")

@@ -114,3 +114,24 @@ def test_compare_lokr_with_lora_modules_of_one_model(capsys):
     report = report_of(capsys, "compare", lokr, locon, "--basis", "dW-left")
     assert len(report["pairs"]) == 12 and all(p["basis"] == "dW-left" for p in report["pairs"].values())
     assert report["adapters"]["a"]["kinds"] == {"lokr": 12} and report["adapters"]["b"]["kinds"] == {"lora": 12}
+
+
+def test_base_weights_settle_what_loralib_files_leave_open(capsys):
+    """With --base, loralib's Conv2d is read as one (ΔW = (B·A).view(…), kind dense), its
+    weight found at `<module>.conv.weight`, and ΔW is compared with it; embeddings and
+    fan_in_fan_out linears are oriented by their shapes."""
+    folder = FIXTURES / "loralib_linear_conv_embedding"
+    report = report_of(capsys, "analyze", folder / "lora.pt", "--base", folder / "base.safetensors", "--alpha", "4",
+                       "--no-intruders")
+    modules = report["modules"]
+    assert modules["conv"]["kind"] == "dense" and modules["conv"]["storage"] == "conv 3×3"
+    assert modules["conv"]["base"]["base_module"] == "conv.conv"
+    assert not any("do not record layer types" in note for note in report["notes"])
+    expected = json.loads((folder / "expected.json").read_text())
+    for module in expected["modules"]:
+        entry = modules[module["name"]]
+        S_ref = reference(folder.name, module["reference_key"]) * (4.0 / module["tool_alpha"])  # --alpha 4
+        k = len(entry["singular_values"])
+        torch.testing.assert_close(torch.tensor(entry["singular_values"], dtype=torch.float64), S_ref[:k],
+                                   rtol=1e-5, atol=1e-5 * float(S_ref[0]))
+        assert entry["base"]["weight_frobenius_norm"] > 0

@@ -187,11 +187,14 @@ class Storage:
     kernel: W is a conv kernel (c_out, c_in, *kernel) and d_in = c_in·∏kernel; None for 2-D
         weights and where the factors do not record the kernel (PEFT LoHa/LoKr keep it flat).
     experts: W is a fused expert parameter (E, d_out/E, d_in/E), ΔW its block-diagonal operator.
+    weight_suffix: where the tool's wrapper keeps W when it is not the module's own `weight`:
+        `<module>.<suffix>.weight` (loralib's Conv2d: "conv"; LitGPT: "linear").
     """
 
     transposed: bool | None = False
     kernel: tuple[int, ...] | None = None
     experts: int | None = None
+    weight_suffix: str | None = None
 
     def stored(self, delta: torch.Tensor) -> torch.Tensor:
         """ΔW (d_out, d_in) in the storage shape."""
@@ -362,6 +365,7 @@ class LoraModule(Update):
     notes: tuple[str, ...] = ()
     bias: torch.Tensor | None = None
     parts: int = 1
+    weight_suffix: str | None = None
     kind: UpdateKind = field(default="lora", init=False)
 
     @property
@@ -374,7 +378,8 @@ class LoraModule(Update):
 
     @property
     def storage(self) -> Storage:
-        return Storage(transposed=True if self.fan_in_fan_out else self.transposed, kernel=self.kernel)
+        return Storage(transposed=True if self.fan_in_fan_out else self.transposed, kernel=self.kernel,
+                       weight_suffix=self.weight_suffix)
 
     @property
     def scale(self) -> float:
@@ -442,10 +447,11 @@ class _ScaledUpdate(Update):
     kernel: tuple[int, ...] | None = None
     component: str | None = None
     notes: tuple[str, ...] = ()
+    weight_suffix: str | None = None
 
     @property
     def storage(self) -> Storage:
-        return Storage(kernel=self.kernel)
+        return Storage(kernel=self.kernel, weight_suffix=self.weight_suffix)
 
     @property
     def scale(self) -> float:

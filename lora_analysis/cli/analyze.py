@@ -127,7 +127,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     selected = _select(adapter, args.modules, args.adapter)
     base_names = None
     if base is not None:  # fail before the long work
-        base_names = {name: base.resolve(name, selected.info(name).component) for name in selected}
+        infos = {name: selected.info(name) for name in selected}
+        base_names = {name: base.resolve(name, i.component, i.storage.weight_suffix) for name, i in infos.items()}
     _progress(args, f"analyzing {len(selected)} module(s) of {args.adapter}")
     options = AnalysisOptions(
         taus=sorted(set(args.tau)), weight_k=args.weight_k, intruders=args.intruders, intruder_k=args.intruder_k,

@@ -54,9 +54,11 @@ class LitgptReader(Reader):
                 if config is None:
                     raise files.fail(f"fused attention module {shown(name)!r}: splitting its lora_B into q, k, v needs "
                                      f"the model's {CONFIG_NAME}, which LitGPT writes beside its checkpoints")
-                result.modules[(None, name)] = spec(dict(roles), self._fused_builder(files, name, alpha, config))
+                fused = self._fused_builder(files, name, alpha, config)
+                result.modules[(None, name)] = spec(dict(roles), lambda t, fused=fused: _in_linear(fused(t)))
             else:
-                result.modules[(None, name)] = spec(dict(roles), lora_builder(files, name, alpha))
+                plain = lora_builder(files, name, alpha)
+                result.modules[(None, name)] = spec(dict(roles), lambda t, plain=plain: _in_linear(plain(t)))
         return result
 
     def _config(self, files: AdapterFiles) -> dict[str, Any] | None:
@@ -79,6 +81,12 @@ class LitgptReader(Reader):
             return fused_update(files, name, tensors["A"], tensors["B"], rows, enabled, alpha)
 
         return build
+
+
+def _in_linear(update: LoraModule) -> LoraModule:
+    """LitGPT's LoRALinear keeps W as `<module>.linear.weight` in a LoRA model's checkpoint."""
+    update.weight_suffix = "linear"
+    return update
 
 
 def fused_update(files: AdapterFiles, name: str, A: torch.Tensor, B: torch.Tensor, rows: list[int], enabled: list[bool],

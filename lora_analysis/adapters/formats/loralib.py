@@ -110,9 +110,10 @@ class LoralibReader(Reader):
                                  f"lora_B {tuple(B.shape)} are not (r·k, c_in·k) and (c_out·k, r·k)")
             r, c_out = A.shape[0] // k, B.shape[0] // k
             if k == 1:
-                return LoraModule(A=A, B=B, alpha=alpha, kernel=kernel)
+                return LoraModule(A=A, B=B, alpha=alpha, kernel=kernel, weight_suffix="conv")
             # (B·A).view(c_out, c_in, k, k), flattened per output channel; formed in float64
             delta = (B.double() @ A.double()).reshape(c_out, -1)
-            return DenseModule(alpha=alpha, divisor=float(r), delta=delta, kernel=kernel, factor_rank=r)
+            return DenseModule(alpha=alpha, divisor=float(r), delta=delta, kernel=kernel, factor_rank=r,
+                               weight_suffix="conv")
 
         return build
