@@ -49,16 +49,14 @@ class LitgptReader(Reader):
         result = ReadResult(self.name, {})
         for name, roles in groups.items():
             require_pair(files, name, roles)
-            fused = name.endswith(FUSED_SUFFIXES)
-            if fused:
+            if name.endswith(FUSED_SUFFIXES):
                 if config is None:
                     raise files.fail(f"fused attention module {shown(name)!r}: splitting its lora_B into q, k, v needs "
                                      f"the model's {CONFIG_NAME}, which LitGPT writes beside its checkpoints")
-                fused = self._fused_builder(files, name, alpha, config)
-                result.modules[(None, name)] = spec(dict(roles), lambda t, fused=fused: _in_linear(fused(t)))
+                build = self._fused_builder(files, name, alpha, config)
             else:
-                plain = lora_builder(files, name, alpha)
-                result.modules[(None, name)] = spec(dict(roles), lambda t, plain=plain: _in_linear(plain(t)))
+                build = lora_builder(files, name, alpha)
+            result.modules[(None, name)] = spec(dict(roles), _in_linear(build))
         return result
 
     def _config(self, files: AdapterFiles) -> dict[str, Any] | None:
@@ -83,10 +81,16 @@ class LitgptReader(Reader):
         return build
 
 
-def _in_linear(update: LoraModule) -> LoraModule:
+def _in_linear(build: Builder) -> Builder:
     """LitGPT's LoRALinear keeps W as `<module>.linear.weight` in a LoRA model's checkpoint."""
-    update.weight_suffix = "linear"
-    return update
+
+    def wrapped(tensors: dict[str, torch.Tensor]) -> Update:
+        update = build(tensors)
+        assert isinstance(update, LoraModule)
+        update.weight_suffix = "linear"
+        return update
+
+    return wrapped
 
 
 def fused_update(files: AdapterFiles, name: str, A: torch.Tensor, B: torch.Tensor, rows: list[int], enabled: list[bool],
