@@ -135,3 +135,15 @@ def test_base_weights_settle_what_loralib_files_leave_open(capsys):
         torch.testing.assert_close(torch.tensor(entry["singular_values"], dtype=torch.float64), S_ref[:k],
                                    rtol=1e-5, atol=1e-5 * float(S_ref[0]))
         assert entry["base"]["weight_frobenius_norm"] > 0
+
+
+def test_compare_figure_title_names_the_fallback_basis(capsys, tmp_path):
+    from lora_analysis.report.figures import compare_figure
+
+    copy = tmp_path / "lokr_copy"
+    shutil.copytree(FIXTURES / "peft_lokr", copy)
+    plot = tmp_path / "phi.png"
+    code, out, err = run(capsys, "compare", FIXTURES / "peft_lokr", copy, "--format", "json", "--plot", plot)
+    assert code == 0 and plot.stat().st_size > 0, err
+    title = compare_figure(json.loads(out), reference=False).get_suptitle()
+    assert "basis A (dW-right for kinds without factor A)" in title

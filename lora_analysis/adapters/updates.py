@@ -681,8 +681,48 @@ class ExpertsModule(Update):
         return BlockDiagonalForm(tuple(e.factored(dtype) for e in self.experts))
 
 
+class _Wrapper(Update):
+    """An update described by another one it wraps (`inner`): α, shape, storage, scale, r."""
+
+    @property
+    def inner(self) -> Update:
+        raise NotImplementedError
+
+    @property
+    def alpha(self) -> float | None:  # type: ignore[override]
+        return self.inner.alpha
+
+    @property
+    def component(self) -> str | None:  # type: ignore[override]
+        return self.inner.component
+
+    @property
+    def r(self) -> int | None:
+        return self.inner.r
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.inner.shape
+
+    @property
+    def storage(self) -> Storage:
+        return self.inner.storage
+
+    @property
+    def scale(self) -> float:
+        return self.inner.scale
+
+    @property
+    def alpha_known(self) -> bool:
+        return self.inner.alpha_known
+
+    @property
+    def use_rslora(self) -> bool:
+        return self.inner.use_rslora
+
+
 @dataclass
-class DoraModule(Update):
+class DoraModule(_Wrapper):
     """DoRA (Liu et al. 2024; PEFT `lora_magnitude_vector`, LyCORIS `dora_scale`, torchtune
     `magnitude`): with the direction update ΔW_dir (another kind, usually s·B·A),
 
@@ -704,40 +744,12 @@ class DoraModule(Update):
     kind: UpdateKind = field(default="dora", init=False)
 
     @property
-    def alpha(self) -> float | None:  # type: ignore[override]
-        return self.direction_update.alpha
-
-    @property
-    def component(self) -> str | None:  # type: ignore[override]
-        return self.direction_update.component
+    def inner(self) -> Update:
+        return self.direction_update
 
     @property
     def notes(self) -> tuple[str, ...]:  # type: ignore[override]
         return self.direction_update.notes
-
-    @property
-    def r(self) -> int | None:
-        return self.direction_update.r
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.direction_update.shape
-
-    @property
-    def storage(self) -> Storage:
-        return self.direction_update.storage
-
-    @property
-    def scale(self) -> float:
-        return self.direction_update.scale
-
-    @property
-    def alpha_known(self) -> bool:
-        return self.direction_update.alpha_known
-
-    @property
-    def use_rslora(self) -> bool:
-        return self.direction_update.use_rslora
 
     @property
     def needs_base(self) -> bool:
@@ -768,7 +780,7 @@ class DoraModule(Update):
 
 
 @dataclass
-class DoraDirection(Update):
+class DoraDirection(_Wrapper):
     """The direction update s·B·A of a DoRA module alone (magnitudes ignored): asked for
     explicitly when no base weight is at hand; its kind `dora-direction` labels every output."""
 
@@ -776,40 +788,12 @@ class DoraDirection(Update):
     kind: UpdateKind = field(default="dora-direction", init=False)
 
     @property
-    def alpha(self) -> float | None:  # type: ignore[override]
-        return self.dora.alpha
-
-    @property
-    def component(self) -> str | None:  # type: ignore[override]
-        return self.dora.component
+    def inner(self) -> Update:
+        return self.dora.direction_update
 
     @property
     def notes(self) -> tuple[str, ...]:  # type: ignore[override]
         return self.dora.notes + (DIRECTION_NOTE,)
-
-    @property
-    def r(self) -> int | None:
-        return self.dora.r
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.dora.shape
-
-    @property
-    def storage(self) -> Storage:
-        return self.dora.storage
-
-    @property
-    def scale(self) -> float:
-        return self.dora.scale
-
-    @property
-    def alpha_known(self) -> bool:
-        return self.dora.alpha_known
-
-    @property
-    def use_rslora(self) -> bool:
-        return self.dora.use_rslora
 
     def tensors(self) -> list[torch.Tensor]:
         return self.dora.tensors()

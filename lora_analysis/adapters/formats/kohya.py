@@ -118,6 +118,8 @@ class KohyaReader(Reader):
                 result.extra[f"{component}/{name}.bias" if component else f"{name}.bias"] = roles["diff_b"]
         if any(component is not None for component, _ in result.modules):
             result.notes.append(NAMES_NOTE)
+        if any({"mid", "magnitude"} & set(roles) for roles in groups.values()):
+            result.format = "lycoris"  # Tucker and DoRA are LyCORIS's, not sd-scripts'
         return result
 
     def module_spec(self, files: AdapterFiles, raw: str, component: str | None, roles: dict[str, str],
