@@ -262,3 +262,18 @@ def test_unrepresentable_results_are_refused_in_one_line():
     assert "\n" not in str(info.value)
     with pytest.raises(LoraAnalysisError, match="normal range"):
         module_spectrum(LoraModule(A=A * 1e-160, B=B * 1e-160, alpha=2.0), device="cpu", dtype=torch.float64)
+
+
+def test_analysis_can_release_vectors_and_still_report():
+    from lora_analysis import Adapter
+    from lora_analysis.analysis import AnalysisOptions, analyze_adapter
+    from lora_analysis.report import analyze_report, render_report
+
+    g = torch.Generator().manual_seed(5)
+    adapter = Adapter({"l.0.q": LoraModule(A=rand(g, 3, 8), B=rand(g, 8, 3), alpha=3.0)})
+    kept = analyze_adapter(adapter, progress=False)
+    light = analyze_adapter(adapter, options=AnalysisOptions(keep_vectors=False), progress=False)
+    assert torch.equal(kept["l.0.q"].spectrum.S, light["l.0.q"].spectrum.S)
+    with pytest.raises(LoraAnalysisError, match="released"):
+        light["l.0.q"].spectrum.U
+    assert render_report(analyze_report(light, adapter), "json") == render_report(analyze_report(kept, adapter), "json")

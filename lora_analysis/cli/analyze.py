@@ -132,7 +132,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     _progress(args, f"analyzing {len(selected)} module(s) of {args.adapter}")
     options = AnalysisOptions(
         taus=sorted(set(args.tau)), weight_k=args.weight_k, intruders=args.intruders, intruder_k=args.intruder_k,
-        intruder_epsilon=args.intruder_epsilon, device=args.device,
+        intruder_epsilon=args.intruder_epsilon, device=args.device, keep_vectors=False,
     )
     analysis = analyze_adapter(selected, base, options, progress=not args.quiet)
     report = analyze_report(
