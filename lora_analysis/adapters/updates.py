@@ -73,11 +73,6 @@ class Scale:
             scaled = np.ldexp(values.detach().double().cpu().numpy() * self.value, self.exponent)
         return torch.from_numpy(np.asarray(scaled, dtype=np.float64)).to(values.device)
 
-    @property
-    def as_float(self) -> float:
-        """The scale as one float64 (inf / 0 when it leaves the range)."""
-        return float(self.apply(torch.ones(1, dtype=torch.float64))[0])
-
 
 def peak_exponent(tensor: torch.Tensor) -> int:
     """e with max |tensor| = m·2**e, m ∈ [0.5, 1); 0 for zero, empty or non-finite tensors."""
@@ -113,9 +108,9 @@ class LowRankForm:
     """ΔW = scale · B diag(e) A, B: (d_out, k), A: (k, d_in), e: (k,) or None (= ones).
 
     Tensors in any float dtype, not yet normalized (the analysis does it, in its own buffers).
-    `factor_bases`: B and A are the
-    update's own trained factors (LoRA, AdaLoRA, Tucker's up and M), so the paper's bases "A"
-    (right-singular vectors of A) and "B" (left-singular vectors of B) mean something.
+    `factor_bases`: B and A are the update's own trained factors (LoRA, AdaLoRA, Tucker's up and
+    M), so the paper's bases "A" (right-singular vectors of A) and "B" (left-singular vectors of
+    B) mean something.
     """
 
     B: torch.Tensor
@@ -313,8 +308,9 @@ class Update:
                           self.num_parameters(), self.storage, self.component, self.use_rslora, self.notes)
 
     def factored(self, dtype: torch.dtype = torch.float32, base: torch.Tensor | None = None) -> Form:
-        """ΔW as an exact form (see the module docstring), tensors normalized in `dtype`
-        (float64 where the file's tensors are). `base`: W₀ (d_out, d_in) for kinds that need it."""
+        """ΔW as an exact form (see the module docstring): the file's tensors as they are, or
+        products of them formed in `dtype` (float64 where the file's tensors are) after
+        normalizing each. `base`: W₀ (d_out, d_in) for kinds that need it (DoRA)."""
         raise NotImplementedError
 
     def delta_weight(self, dtype: torch.dtype = torch.float32, base: torch.Tensor | None = None) -> torch.Tensor:

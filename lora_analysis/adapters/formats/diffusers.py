@@ -34,7 +34,6 @@ from ..adapter import ModuleSpec
 from ..updates import LoraModule, Update
 from .common import (
     AdapterFiles,
-    Builder,
     ReadResult,
     Reader,
     check_no_duplicates,
