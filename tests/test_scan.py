@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from lora_analysis import Adapter, LoraModule, save_adapter
 from lora_analysis.scan import COLUMN_NAMES, ScanOutputError, Shard, find_adapters, scan_adapters
+from lora_analysis.adapters.files import WEIGHTS_NAMES
 from lora_analysis.scan.table import journal_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,6 +148,50 @@ def test_module_rows_match_a_float64_oracle(tree, tmp_path):
     total = sum(float(torch.linalg.matrix_norm(m.scale * m.B @ m.A)) ** 2 for m in modules.values())
     assert summary["frobenius_norm"] == pytest.approx(total**0.5, rel=1e-12)
     assert summary["parameters"] == 3 * 3 * (8 + 10)
+
+
+FIXTURES = ROOT / "tests" / "fixtures" / "formats"
+NEEDS_BASE = {  # fixture → what its error row must say: these updates cannot be analysed without the base model
+    "lycoris_dora": "needs the base weight", "peft_dora": "needs the base weight", "torchtune_dora": "needs the base weight",
+    "peft_target_parameters": "has LoRA on 2 parameters",
+}
+KOHYA_LAYOUT = {"lycoris_locon": "kohya", "lycoris_wrapper_lora": "kohya"}  # LyCORIS's plain LoRA is kohya's layout
+
+
+def test_scan_reads_every_format_of_the_tool_written_fixtures(tmp_path):
+    """Every fixture written by a tool's own code (tests/fixtures/formats), as a user keeps it:
+    one adapter each, read by the format readers; its modules are those of expected.json.
+    Updates that need the base model (DoRA, target_parameters on several parameters) are
+    one-line error rows, and the scan goes on."""
+    import yaml
+
+    root = tmp_path / "formats"
+    expected = {}
+    for folder in sorted(p.parent for p in FIXTURES.glob("*/expected.json")):
+        info = json.loads((folder / "expected.json").read_text())
+        (root / folder.name).mkdir(parents=True)
+        for name in [*info["adapter_files"], "adapter_config.json"]:
+            if (folder / name).exists():
+                (root / folder.name / name).write_bytes((folder / name).read_bytes())
+        if "litgpt_config" in info:
+            (root / folder.name / "model_config.yaml").write_text(yaml.safe_dump(info["litgpt_config"]))
+        files = info["adapter_files"]
+        is_directory = len(files) > 1 or (root / folder.name / "adapter_config.json").exists() or files[0] in WEIGHTS_NAMES
+        expected[folder.name if is_directory else f"{folder.name}/{files[0]}"] = (folder.name, len(info["modules"]))
+    out = tmp_path / "formats.csv"
+    result = scan_adapters(root, out, progress=False)
+    assert (result.found, result.failed) == (len(expected), len(NEEDS_BASE))
+    blocks: dict[str, list[dict]] = {}
+    for row in read_table(out):
+        blocks.setdefault(row["adapter"], []).append(row)
+    assert sorted(blocks) == sorted(expected)
+    for name, (fixture, modules) in expected.items():
+        block = blocks[name]
+        if fixture in NEEDS_BASE:
+            assert [r["row"] for r in block] == ["error"] and NEEDS_BASE[fixture] in block[0]["error"], block
+            continue
+        assert [r["row"] for r in block] == ["module"] * modules + ["adapter"], fixture
+        assert {r["format"] for r in block} == {KOHYA_LAYOUT.get(fixture, fixture.split("_")[0])}, fixture
 
 
 def test_shards_add_up_to_one_run(tree, tmp_path):

@@ -69,8 +69,10 @@ def _analyze(path: os.PathLike, device: str) -> Mapping[str, Any]:
     from ..analysis import AnalysisOptions, analyze_adapter
     from ..report import analyze_report
 
-    adapter = load_adapter(path)
-    analysis = analyze_adapter(adapter, options=AnalysisOptions(taus=TAUS, device=device), progress=False)
+    # Lazy modules, vectors dropped once analysed: the adapter's memory is one module at a time.
+    adapter = load_adapter(path, lazy=True)
+    options = AnalysisOptions(taus=TAUS, device=device, keep_vectors=False)
+    analysis = analyze_adapter(adapter, options=options, progress=False)
     return analyze_report(analysis, adapter)
 
 
