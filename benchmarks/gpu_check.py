@@ -231,7 +231,8 @@ def check_7b(data: Path, rtol: float) -> list[Outcome]:
         result = {name: s for name, s in iter_spectra(lazy_modules(path), device=device)}
         for s in result.values():
             s.metrics()
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
         timings[device] = time.perf_counter() - start
         spectra[device] = result
     ranks = {name: s.numerical_rank for name, s in spectra["cpu"].items()}
