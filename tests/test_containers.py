@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,6 +168,72 @@ def test_unrepresentable_spectrum_through_the_file(tmp_path):
     save_file(tensors, tmp_path / "huge.safetensors", metadata={"adapter_config": json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2})})
     with pytest.raises(LoraAnalysisError, match="overflows float64"):
         adapter_spectra(load_adapter(tmp_path / "huge.safetensors"), progress=False, device="cpu")
+
+
+# ---------------------------------------------------------------------------- safetensors reads
+
+READ_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+               torch.int8, torch.uint8, torch.bool]
+
+
+@settings(max_examples=40, deadline=None)
+@given(dtype=st.sampled_from(READ_DTYPES), shape=st.lists(st.integers(0, 5), max_size=3), seed=st.integers(0, 2**16))
+def test_safetensors_tensors_read_as_safetensors_writes_them(tmp_path_factory, dtype, shape, seed):
+    """Every dtype, scalars and empty tensors: our reads equal safetensors' own, bit for bit."""
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"t": (torch.randn(shape, generator=g) * 100).to(dtype), "scalar": torch.tensor(3, dtype=dtype)}
+    path = tmp_path_factory.mktemp("st") / "t.safetensors"
+    save_file(tensors, str(path))
+    ours = containers.open_tensor_file(path)
+    with safe_open(str(path), framework="pt") as theirs:
+        for key in tensors:
+            got, want = ours.get(key), theirs.get_tensor(key)
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got.view(-1), want.view(-1)), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int16])
+def test_big_endian_hosts_reverse_each_elements_bytes(dtype):
+    values = torch.tensor([1.5, -2.25, 3e3, 0.0]).to(dtype)
+    little = values.view(torch.uint8)  # this test runs on a little-endian host
+    swapped = little.view(-1, values.element_size()).flip(1).contiguous().view(-1)  # as a big-endian host holds them
+    assert torch.equal(containers.from_little_endian(little.clone(), dtype), values)
+    assert torch.equal(containers.from_little_endian(little.clone(), dtype, host_byteorder="big").view(torch.uint8), swapped)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+@pytest.mark.filterwarnings("ignore:LoRA alpha unknown")
+def test_safetensors_files_are_read_not_mapped(tmp_path):
+    """A memory map keeps every page it touched resident: reading a large adapter module by
+    module through one would end with the whole file in the process's memory."""
+    path = tmp_path / "adapter.safetensors"
+    save_file(peft_tensors(r=4, d_in=4096, d_out=4096), str(path))
+    adapter = load_adapter(path, lazy=True)
+    for name in adapter:
+        adapter[name]
+    assert str(path) not in Path("/proc/self/maps").read_text()
+
+
+def test_a_file_replaced_after_opening_is_not_mixed_in(tmp_path):
+    path = tmp_path / "adapter.safetensors"
+    save_file(peft_tensors(), str(path))
+    before = containers.open_tensor_file(path)
+    save_file({k: v + 1 for k, v in peft_tensors().items()}, str(tmp_path / "new.safetensors"))
+    (tmp_path / "new.safetensors").replace(path)  # an atomic rewrite, as a trainer saves
+    key = f"{P}.lora_A.weight"
+    assert torch.equal(before.get(key), peft_tensors()[key])  # the file whose header was read
+
+
+def test_a_file_truncated_after_opening_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "adapter.safetensors"
+    save_file(peft_tensors(d_in=64), str(path))
+    opened = containers.open_tensor_file(path)
+    os.truncate(path, path.stat().st_size - 100)
+    with pytest.raises(AdapterFormatError, match="shrank after it was opened") as info:
+        for key in opened.keys():
+            opened.get(key)
+    assert path.name in str(info.value) and "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------- properties
