@@ -243,12 +243,36 @@ PLAIN_WORDS = st.sampled_from(["encoder", "layers", "attn", "block", "mlp", "fc1
 SEGMENTS = st.one_of(PLAIN_WORDS, st.sampled_from(KNOWN_WORDS), st.integers(0, 30).map(str))
 
 
+def recoverable(segments: list[str]) -> bool:
+    """Whether kohya's mangling of `segments` can be undone without the model: at each segment's
+    first token the longest table word is the segment itself (none for a word without "_").
+    "proj.mlp" is not: mangled, it reads as the table word "proj_mlp"."""
+    tokens = "_".join(segments).split("_")
+    table = [tuple(word.split("_")) for word in KNOWN_WORDS]
+    position = 0
+    for segment in segments:
+        length = len(segment.split("_"))
+        longest = max((len(w) for w in table if tuple(tokens[position:position + len(w)]) == w), default=0)
+        if longest != (length if "_" in segment else 0):
+            return False
+        position += length
+    return True
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.lists(SEGMENTS, min_size=1, max_size=8))
+@given(st.lists(SEGMENTS, min_size=1, max_size=8).filter(recoverable))
 def test_kohya_names_demangle_to_the_model_path(segments):
-    """Paths made of KNOWN_WORDS, digits and words without "_" come back from kohya's mangling."""
+    """Paths made of KNOWN_WORDS, digits and words without "_" come back from kohya's mangling
+    wherever the mangled name has one reading."""
     path = ".".join(segments)
     assert demangle(path.replace(".", "_")) == path
+
+
+def test_ambiguous_kohya_names_read_as_the_table_word():
+    """Without the model, "proj_mlp" is read as Flux's `proj_mlp`, never as `proj.mlp`; with
+    --base, names are matched against the model's own (README: kohya row of the format table)."""
+    assert not recoverable(["proj", "mlp"])
+    assert demangle("single_transformer_blocks_0_proj_mlp") == "single_transformer_blocks.0.proj_mlp"
 
 
 @settings(max_examples=15, deadline=None)
