@@ -42,12 +42,16 @@ _EXPORTS = {
     "remove_lora": ".lora",
     "trainable_parameters": ".lora",
     "unmerge_lora": ".lora",
+    "ModelPair": ".model_pair",
+    "WeightPair": ".model_pair",
     "analyze_report": ".report",
     "compare_report": ".report",
     "render_report": ".report",
+    "EvalResult": ".training",
     "SweepResult": ".training",
     "TrainConfig": ".training",
     "TrainResult": ".training",
+    "evaluate": ".training",
     "run_sweep": ".training",
     "train": ".training",
 }
@@ -77,8 +81,9 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         trainable_parameters,
         unmerge_lora,
     )
+    from .model_pair import ModelPair, WeightPair
     from .report import analyze_report, compare_report, render_report
-    from .training import SweepResult, TrainConfig, TrainResult, run_sweep, train
+    from .training import EvalResult, SweepResult, TrainConfig, TrainResult, evaluate, run_sweep, train
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)
