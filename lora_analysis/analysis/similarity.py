@@ -116,12 +116,17 @@ class Comparison:
 def compare_bases(a: Basis, b: Basis, top_k: int | None = None) -> Comparison:
     """`Comparison` of two bases of the same space.
 
-    M = aᵀb = rotation_aᵀ (frame_aᵀ frame_b) rotation_b: one d × k × k product, the rest small.
+    M = aᵀb = rotation_aᵀ (frame_aᵀ frame_b) rotation_b: one d × k × k product, the rest small
+    (a rotation of None is the identity).
     """
     if a.dim != b.dim:
         raise LoraAnalysisError(f"cannot compare bases of different dimensions {a.dim} and {b.dim}")
-    frames = torch.from_numpy(_cross_product(a.frame, b.frame))
-    M = (a.rotation.cpu().T @ frames @ b.rotation.cpu()).numpy()
+    product = torch.from_numpy(_cross_product(a.frame, b.frame))
+    if a.rotation is not None:
+        product = a.rotation.cpu().T @ product
+    if b.rotation is not None:
+        product = product @ b.rotation.cpu()
+    M = product.numpy()
     grid = phi_grid(M, a.rank, b.rank)
     k = min(a.rank, b.rank) if top_k is None else min(top_k, a.rank, b.rank)
     return Comparison(
@@ -137,9 +142,24 @@ def compare_bases(a: Basis, b: Basis, top_k: int | None = None) -> Comparison:
     )
 
 
-def compare_modules(a: ModuleSpectrum, b: ModuleSpectrum, basis: BasisKind = "A", top_k: int | None = None) -> Comparison:
-    """φ between two modules' spectra in the chosen basis (default: right-singular vectors of A)."""
-    return compare_bases(a.basis(basis), b.basis(basis), top_k)
+def compare_modules(a: ModuleSpectrum, b: ModuleSpectrum, basis: BasisKind = "A", top_k: int | None = None,
+                    fallback: bool = False) -> Comparison:
+    """φ between two modules' spectra in the chosen basis (default: right-singular vectors of A).
+
+    The bases "A" and "B" exist only for updates with such factors (`has_factor_bases`: LoRA,
+    AdaLoRA, Tucker); for others (LoHa, LoKr, DoRA, dense) asking for them raises, unless
+    `fallback`: then the pair is compared in ΔW's own singular vectors of the same space
+    (A → dW-right, the input space; B → dW-left), and `Comparison.basis` says so.
+    """
+    return compare_bases(a.basis(pair_basis(a, b, basis, fallback)), b.basis(pair_basis(a, b, basis, fallback)), top_k)
+
+
+def pair_basis(a: ModuleSpectrum, b: ModuleSpectrum, basis: BasisKind, fallback: bool) -> BasisKind:
+    """The basis two modules are compared in: `basis`, or with `fallback` ΔW's singular vectors
+    of the same space where "A"/"B" do not exist for one of them (see `compare_modules`)."""
+    if fallback and basis in ("A", "B") and not (a.has_factor_bases and b.has_factor_bases):
+        return "dW-right" if basis == "A" else "dW-left"
+    return basis
 
 
 @dataclass
@@ -163,14 +183,19 @@ def compare_adapters(
     basis: BasisKind = "A",
     top_k: int | None = None,
     progress: bool = False,
+    fallback: bool = False,
 ) -> AdapterComparison:
-    """φ of every module present in both adapters; lists the modules present in only one."""
+    """φ of every module present in both adapters; lists the modules present in only one.
+
+    `fallback`: pairs of kinds without factors A/B are compared in ΔW's singular vectors of
+    the same space, each pair's `basis` saying which (see `compare_modules`); else they raise.
+    """
     spectra_a, spectra_b = _spectra(a, progress), _spectra(b, progress)
     matched = match_module_names(list(spectra_a), list(spectra_b))
     comparisons = {}
     for name_a, name_b in matched.items():
         try:
-            comparisons[name_a] = compare_modules(spectra_a[name_a], spectra_b[name_b], basis, top_k)
+            comparisons[name_a] = compare_modules(spectra_a[name_a], spectra_b[name_b], basis, top_k, fallback)
         except LoraAnalysisError as e:
             raise LoraAnalysisError(f"module {name_a}: {e}") from None
     return AdapterComparison(
