@@ -6,6 +6,8 @@
     for item in pair.pairs():                               # (name, base name, W₀, W_ft)
         ...
     pair.only_in_finetuned                                  # ["classifier"]: a new task head
+    adapter = pair.adapter()                                # an `Adapter` of dense ΔW updates, streamed,
+                                                            # for the analyses and `resize` as any adapter
 
 Both checkpoints are read lazily through `BaseWeights` (safetensors with `safe_open`, sharded
 checkpoints through their index file, `.bin` with `torch.load(weights_only=True, mmap=True)`):
@@ -23,9 +25,15 @@ either name. Before anything is read, the headers are checked:
   one of them has: listed in `only_in_finetuned` (a task head such as `classifier`, `score`,
   `lm_head` over a bare base) or `only_in_base` (a pre-training head such as BERT's `cls`).
 
-Weights come as stored (GPT-2's Conv1D stores (d_in, d_out)); the difference is computed in
-`dtype`, IEEE-rounded once (float64 holds the difference of two float32 or bf16 entries exactly
-unless their magnitudes differ by more than 2²⁹).
+Weights come as stored (GPT-2's Conv1D stores (d_in, d_out); conv kernels flattened per output
+channel); the difference is computed in `dtype`, IEEE-rounded once (float64 holds the
+difference of two float32 or bf16 entries exactly unless their magnitudes differ by more than
+2²⁹). `adapter()` always subtracts in float64.
+
+A path is a model rather than an adapter (`is_model_checkpoint`) when it is a directory holding
+a model's weight files (`model.safetensors`, its shard index, `pytorch_model.bin`, ...) and no
+adapter files, or a weights file whose tensors are all `<module>.weight` / `.bias` / buffers of
+a model (no adapter factor names).
 """
 
 from __future__ import annotations
@@ -33,13 +41,23 @@ from __future__ import annotations
 import fnmatch
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .adapters import Adapter, DenseModule, Storage, StreamedModules, Update, UpdateInfo
 from .base_weights import BaseWeights
 from .errors import LoraAnalysisError, ModuleResolutionError, shown
 from .naming import strip_known_prefixes
+
+# Files that make a directory a model (transformers' names) or an adapter (PEFT, diffusers, ...).
+MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+                 "pytorch_lora_weights.safetensors", "pytorch_adapter.bin", "lit_model.pth.lora")
+# Substrings of tensor names that only adapter files have (LoRA and LyCORIS factors, DoRA magnitudes).
+ADAPTER_KEY_MARKERS = ("lora_", "lora.", "hada_", "lokr_", "dora_", "magnitude", "adapter")
 
 
 @dataclass(frozen=True)
@@ -98,6 +116,34 @@ class ModelPair:
             delta = self.finetuned.weight(name)
             delta -= self.base.weight(base_name)
             yield name, delta
+
+    def adapter(self) -> Adapter:
+        """The pair as an `Adapter` of dense updates ΔW = W_ft − W₀ (kind "dense", s = 1), one
+        per matched module under the fine-tuned model's name, streamed: each module's ΔW is read
+        and subtracted (in float64) when the analysis reaches it and dropped after. Its notes
+        list the parts only one checkpoint has."""
+        notes = [f"full fine-tuning ΔW = W_ft − W₀ against the base {self.base.source}"]
+        if self.only_in_finetuned:
+            notes.append(f"only in the fine-tuned model (not analysed): {_listed(self.only_in_finetuned)}")
+        if self.only_in_base:
+            notes.append(f"only in the base (not analysed): {_listed(self.only_in_base)}")
+        return Adapter(PairModules(self, self.names), source=self.finetuned.source, source_format="full fine-tuning",
+                       notes=notes)
+
+    def delta(self, name: str) -> torch.Tensor:
+        """ΔW = W_ft − W₀ of matched module `name` (the fine-tuned checkpoint's name), in float64,
+        (d_out, d_in) as stored."""
+        W_ft = self.finetuned.weight(name).to(torch.float64)
+        W_ft -= self.base.weight(self.matched[name]).to(torch.float64)
+        return W_ft
+
+    def info(self, name: str) -> UpdateInfo:
+        """The dense update's description, from the header (no tensor read)."""
+        shape = self.finetuned.stored_shape(name)
+        d_in = 1
+        for n in shape[1:]:
+            d_in *= n
+        return UpdateInfo("dense", (shape[0], d_in), None, 1.0, 1.0, shape[0] * d_in, Storage(kernel=tuple(shape[2:]) if len(shape) > 2 else None))
 
     def _selected(self, name: str) -> bool:
         return self.patterns is None or any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
@@ -160,3 +206,62 @@ def _top(name: str) -> str:
     """The top-level module of a weight's path, past the known wrapper prefixes:
     `bert.encoder.layer.0.attention.self.query` → `encoder`, `classifier` → `classifier`."""
     return strip_known_prefixes(name).split(".")[0]
+
+
+class PairModules(StreamedModules):
+    """{module name: DenseModule(ΔW = W_ft − W₀)} of a `ModelPair`, made on access, never cached."""
+
+    def __init__(self, pair: ModelPair, names: Sequence[str], transform: Callable[[Update], Update] | None = None):
+        self.pair, self.names, self.transform = pair, list(names), transform
+
+    def __getitem__(self, name: str) -> Update:
+        if name not in self.names:
+            raise KeyError(name)
+        shape = self.pair.finetuned.stored_shape(name)
+        delta = self.pair.delta(name)
+        update: Update = DenseModule(delta=delta, alpha=1.0, divisor=1.0,
+                                     kernel=tuple(shape[2:]) if len(shape) > 2 else None)
+        return self.transform(update) if self.transform else update
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def info(self, name: str) -> UpdateInfo:
+        return self.pair.info(name)
+
+    def subset(self, names: list[str]) -> "PairModules":
+        return PairModules(self.pair, names, self.transform)
+
+    def mapped(self, transform: Callable[[Update], Update]) -> "PairModules":
+        inner = self.transform
+
+        def both(update: Update) -> Update:
+            return transform(inner(update) if inner else update)
+
+        return PairModules(self.pair, self.names, both)
+
+
+def is_model_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a model's weights rather than an adapter (see the module doc)."""
+    path = Path(path)
+    if path.is_dir():
+        has = {p.name for p in path.iterdir()}
+        model = any(n in has for n in MODEL_WEIGHT_FILES) or any(fnmatch.fnmatchcase(n, "model-*-of-*.safetensors") for n in has)
+        return model and not any(n in has for n in ADAPTER_FILES)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+    except Exception:  # noqa: BLE001 — not readable as safetensors: the adapter readers say why
+        return False
+    return bool(keys) and not any(marker in key.lower() for key in keys for marker in ADAPTER_KEY_MARKERS)
+
+
+def _listed(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")

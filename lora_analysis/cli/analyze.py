@@ -39,6 +39,11 @@ examples:
   lora-analysis analyze kohya_lora.safetensors --tau 0.8 0.95 --format markdown
   lora-analysis analyze ./adapter --format json -o report.json
   lora-analysis analyze ./adapter --base ./bert-base-uncased --format html -o report.html
+  lora-analysis analyze ./full-finetuned-model --base ./bert-base-uncased   # full fine-tuning: ΔW = W_ft − W₀
+
+A model directory (or a model's .safetensors file) instead of an adapter, with --base, is a
+full fine-tune: every 2-D weight's ΔW = W_ft − W₀ (or those --modules selects) is analysed as
+a dense update (exact float64 SVD), the two models read one module at a time.
 """
 
 COMPARE_EPILOG = """\
@@ -61,7 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "rank recommendation, and (with --base) ΔW against the pretrained weights.",
         epilog=ANALYZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    analyze.add_argument("adapter", metavar="ADAPTER", help="adapter file (.safetensors, .bin, .pt, .pth) or directory")
+    analyze.add_argument("adapter", metavar="ADAPTER",
+                         help="adapter file (.safetensors, .bin, .pt, .pth) or directory; or a fine-tuned model (with --base)")
     analyze.add_argument("--base", metavar="MODEL", help="pretrained weights: Hugging Face model directory or .safetensors file")
     analyze.add_argument("--format", choices=REPORT_FORMATS, default="text", help="report format (default: text)")
     analyze.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE (atomically) instead of stdout")
@@ -123,8 +129,12 @@ def run_analyze(args: argparse.Namespace) -> int:
         from ..base_weights import BaseWeights
 
         base = BaseWeights(args.base)
-    adapter = _load(args.adapter, args, base.tensor_shapes if base else None, alpha=args.alpha, with_base=base is not None)
-    selected = _select(adapter, args.modules, args.adapter)
+    pair = _model_pair(args.adapter, args.base, args.modules)
+    if pair is not None:
+        adapter = selected = pair
+    else:
+        adapter = _load(args.adapter, args, base.tensor_shapes if base else None, alpha=args.alpha, with_base=base is not None)
+        selected = _select(adapter, args.modules, args.adapter)
     base_names = None
     if base is not None:  # fail before the long work
         infos = {name: selected.info(name) for name in selected}
@@ -188,6 +198,19 @@ def _load(path: str, args: argparse.Namespace, weight_shapes: dict | None = None
             f"{path}: {len(dora)} DoRA module(s) (e.g. {dora[0]}): ΔW = diag(m/‖W₀ + sBA‖)(W₀ + sBA) − W₀ needs the "
             "base weights (--base, analyze only); --dora-direction analyses the direction update s·B·A alone instead")
     return adapter
+
+
+def _model_pair(path: str, base: str | None, patterns: list[str] | None) -> Adapter | None:
+    """The dense ΔW = W_ft − W₀ of a fine-tuned model at `path` against `base` (streamed), or
+    None when `path` is an adapter. A model without --base is refused."""
+    from ..model_pair import ModelPair, is_model_checkpoint
+
+    if not is_model_checkpoint(path):
+        return None
+    if not base:
+        raise LoraAnalysisError(f"{path}: a model, not an adapter: its full fine-tuning ΔW = W_ft − W₀ needs the base "
+                                "model (--base BASE_MODEL)")
+    return ModelPair(path, base, patterns).adapter()
 
 
 def _select(adapter: Adapter, patterns: list[str] | None, path: str) -> Adapter:
