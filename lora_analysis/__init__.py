@@ -40,6 +40,9 @@ _EXPORTS = {
     "compare_adapters": ".analysis",
     "compare_layers": ".analysis",
     "module_spectrum": ".analysis",
+    "RankRule": ".analysis",
+    "ResizeResult": ".analysis",
+    "resize_adapter": ".analysis",
     "subspace_similarity": ".analysis",
     "BaseWeights": ".base_weights",
     "LoraConfig": ".config",
@@ -55,6 +58,7 @@ _EXPORTS = {
     "trainable_parameters": ".lora",
     "unmerge_lora": ".lora",
     "ModelPair": ".model_pair",
+    "is_model_checkpoint": ".model_pair",
     "WeightPair": ".model_pair",
     "analyze_report": ".report",
     "compare_report": ".report",
@@ -89,11 +93,14 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .analysis import (
         AdapterAnalysis,
         AnalysisOptions,
+        RankRule,
+        ResizeResult,
         adapter_spectra,
         analyze_adapter,
         compare_adapters,
         compare_layers,
         module_spectrum,
+        resize_adapter,
         subspace_similarity,
     )
     from .base_weights import BaseWeights
@@ -109,7 +116,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         trainable_parameters,
         unmerge_lora,
     )
-    from .model_pair import ModelPair, WeightPair
+    from .model_pair import ModelPair, WeightPair, is_model_checkpoint
     from .report import analyze_report, compare_report, render_report
     from .training import EvalResult, SweepResult, TrainConfig, TrainResult, evaluate, run_sweep, train
 

@@ -20,7 +20,7 @@ from typing import TextIO
 from ..errors import LoraAnalysisError
 from ..version import __version__
 
-SUBCOMMANDS: list[str] = ["train", "analyze", "reproduce"]  # modules under lora_analysis.cli; each registers its subcommands
+SUBCOMMANDS: list[str] = ["train", "analyze", "resize", "reproduce"]  # modules under lora_analysis.cli; each registers its subcommands
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,3 +88,27 @@ def fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def linear_layers(directory: str | os.PathLike) -> set[str] | None:
+    """Names of the `nn.Linear` modules of the model a Hugging Face model directory describes
+    (its `config.json`: the class of `architectures[0]`, else the bare `AutoModel`), built on
+    the meta device (no weights read, no memory); None without a `config.json`. What `extract`
+    may turn into LoRA modules: embeddings (PEFT's `lora_embedding_A/B`) and GPT-2's Conv1D
+    (fan_in_fan_out) have other layouts."""
+    path = Path(directory)
+    if not (path / "config.json").is_file():
+        return None
+    import torch
+    from torch import nn
+
+    from .models import _import_transformers
+
+    transformers = _import_transformers()
+    with quiet_transformers():
+        config = transformers.AutoConfig.from_pretrained(path)
+        architectures = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, architectures[0], None) if architectures else None
+        with torch.device("meta"):
+            model = transformers.AutoModel.from_config(config) if model_class is None else model_class(config)
+    return {name for name, module in model.named_modules() if type(module) is nn.Linear}
