@@ -195,3 +195,30 @@ def test_outputs_are_never_overwritten_without_force_nor_an_input_ever(model_pai
     assert main(["resize", out, "--sv-ratio", "0.5", "-o", str(tmp_path / "o3"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("lora-analysis: error:") and "--sv-ratio must be ≥ 1" in err[-1]
+
+
+def test_unknown_alpha_is_refused_and_gpt2_conv1d_adapters_round_trip_through_peft(tiny_gpt2, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    bare = {"base_model.model.h.0.attn.c_attn.lora_A.weight": torch.randn(4, 32, generator=g),
+            "base_model.model.h.0.attn.c_attn.lora_B.weight": torch.randn(96, 4, generator=g)}
+    save_file(bare, tmp_path / "bare.safetensors")
+    assert main(["resize", str(tmp_path / "bare.safetensors"), "--rank", "2", "-o", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "pass --alpha" in capsys.readouterr().err
+
+    pristine = copy.deepcopy(tiny_gpt2)
+    model = peft.get_peft_model(tiny_gpt2, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g))
+    model.save_pretrained(tmp_path / "peft")
+    before = copy.deepcopy(model).merge_and_unload()
+    assert main(["resize", str(tmp_path / "peft"), "--rank", "3", "-o", str(tmp_path / "r3"), "--quiet"]) == 0
+    after = peft.PeftModel.from_pretrained(copy.deepcopy(pristine), tmp_path / "r3").merge_and_unload()
+    W0 = pristine.transformer.h[1].attn.c_attn.weight.detach().double()  # Conv1D: (d_in, d_out)
+    delta = before.transformer.h[1].attn.c_attn.weight.detach().double() - W0
+    expected, S = oracle(delta, 3)
+    torch.testing.assert_close(after.transformer.h[1].attn.c_attn.weight.detach().double() - W0, expected,
+                               rtol=0, atol=1e-5 * float(S[0]))

@@ -141,16 +141,10 @@ def resize_adapter(
 
     `base(name, update)` gives W₀ to kinds whose ΔW needs it (DoRA). `config`: task type and base
     model of the output (ranks and α are set per module); by default the input's. Modules are
-    streamed: one module's factors and singular vectors are resident at a time. Conv kernels
-    and fused experts have no PEFT LoRA-on-Linear layout and are refused, before any work.
+    streamed: one module's factors and singular vectors are resident at a time. Unknown α, conv
+    kernels, fused experts and embeddings are refused before any work (`_check_writable`).
     """
-    unsupported = [name for name in adapter.modules
-                   if adapter.info(name).storage.kernel or adapter.info(name).storage.experts]
-    if unsupported:
-        info = adapter.info(unsupported[0])
-        raise LoraAnalysisError(
-            f"{adapter.source or 'adapter'}: module {shown(unsupported[0])} is a {info.kind} update on a "
-            f"{info.storage.describe()} weight: resize writes LoRA on Linear layers only ({len(unsupported)} such module(s))")
+    _check_writable(adapter)
     spectra = iter_spectra(adapter.items(), device, torch.float64, base=base)
     modules: dict[str, Update] = {}
     cuts: dict[str, ModuleResize] = {}
@@ -178,6 +172,22 @@ def resize_adapter(
     if result.left_out:
         result.notes.append(f"{len(result.left_out)} module(s) with ΔW = 0 left out (e.g. {result.left_out[0]})")
     return result
+
+
+def _check_writable(adapter: Adapter) -> None:
+    """Refuse, before any work, what the output cannot hold exactly: an unknown α (ΔW known only
+    up to s), conv kernels, fused experts, and transposed weights other than Conv1D (embeddings:
+    PEFT's lora_embedding_A/B layout), told by the input config's fan_in_fan_out."""
+    where = adapter.source or "adapter"
+    for name in adapter.modules:
+        info = adapter.info(name)
+        if not info.alpha_known:
+            raise LoraAnalysisError(f"{where}: LoRA alpha of module {shown(name)} is unknown, so ΔW is known only up to "
+                                    "its scale: pass --alpha")
+        conv1d = info.storage.transposed is True and adapter.config.fan_in_fan_out
+        if info.storage.kernel or info.storage.experts or (info.storage.transposed is True and not conv1d):
+            raise LoraAnalysisError(f"{where}: module {shown(name)} is a {info.kind} update on a {info.storage.describe()} "
+                                    "weight: resize writes LoRA on Linear (and Conv1D) layers only")
 
 
 def _float32(factor: torch.Tensor, name: str, which: str) -> torch.Tensor:
