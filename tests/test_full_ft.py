@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from training_fixtures import save_tiny_bert, save_tiny_gpt2, write_corpus_txt, write_sentiment_csv
+from training_fixtures import save_tiny_bert, training_assets
 
 from lora_analysis import LoraAnalysisError, TrainConfig, evaluate, load_adapter, run_sweep, train
 from lora_analysis.cli.main import main
@@ -27,13 +27,7 @@ SHARD = 20_000  # bytes: the tiny BERT (85 kB of float32) is saved in several sh
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("full_assets")
-    return {
-        "bert": save_tiny_bert(root / "bert"),
-        "gpt2": save_tiny_gpt2(root / "gpt2"),
-        "csv": write_sentiment_csv(root / "sentiment.csv"),
-        "txt": write_corpus_txt(root / "corpus.txt"),
-    }
+    return training_assets(tmp_path_factory.mktemp("full_assets"))
 
 
 def full_config(assets, **overrides) -> TrainConfig:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_fixtures import adapter_bytes, save_tiny_bert, save_tiny_gpt2, write_corpus_txt, write_sentiment_csv
+from training_fixtures import adapter_bytes, training_assets
 
 from lora_analysis import LoraAnalysisError, TrainConfig, load_adapter, train
 from lora_analysis.lora import lora_layers
@@ -25,13 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_assets")
-    return {
-        "bert": save_tiny_bert(root / "bert"),
-        "gpt2": save_tiny_gpt2(root / "gpt2"),
-        "csv": write_sentiment_csv(root / "sentiment.csv"),
-        "txt": write_corpus_txt(root / "corpus.txt"),
-    }
+    return training_assets(tmp_path_factory.mktemp("train_assets"))
 
 
 def bert_config(assets, **overrides) -> TrainConfig:

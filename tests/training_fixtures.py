@@ -78,3 +78,13 @@ def write_corpus_txt(path: Path, n: int = 120, seed: int = 0) -> Path:
 def adapter_bytes(directory: Path) -> bytes:
     """The adapter file, byte for byte (save_adapter writes equal adapters as equal bytes)."""
     return (directory / "adapter_model.safetensors").read_bytes()
+
+
+def training_assets(root: Path) -> dict[str, Path]:
+    """The tiny BERT and GPT-2, a sentiment CSV and a text corpus under `root`."""
+    return {
+        "bert": save_tiny_bert(root / "bert"),
+        "gpt2": save_tiny_gpt2(root / "gpt2"),
+        "csv": write_sentiment_csv(root / "sentiment.csv"),
+        "txt": write_corpus_txt(root / "corpus.txt"),
+    }
