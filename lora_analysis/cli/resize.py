@@ -160,6 +160,7 @@ def _finish(adapter: Adapter, rule: RankRule, args: argparse.Namespace, source: 
     with _writing(args.output):
         written = save_adapter(result.adapter, args.output)
     _progress(args, f"wrote {written}")
+    result.notes[:0] = adapter.notes
     _emit(_render(result, source, args.format), args_without_output(args))
     return 0
 
