@@ -26,9 +26,9 @@ either name. Before anything is read, the headers are checked:
   `lm_head` over a bare base) or `only_in_base` (a pre-training head such as BERT's `cls`).
 
 Weights come as stored (GPT-2's Conv1D stores (d_in, d_out); conv kernels flattened per output
-channel); the difference is computed in `dtype`, IEEE-rounded once (float64 holds the
-difference of two float32 or bf16 entries exactly unless their magnitudes differ by more than
-2²⁹). `adapter()` always subtracts in float64.
+channel); the difference is taken in float64 (exact for two float32 or bf16 entries unless
+their magnitudes differ by more than 2²⁹) and handed out in float64 (`delta`, `adapter()`) or
+rounded once to `dtype` (`deltas`).
 
 A path is a model rather than an adapter (`is_model_checkpoint`) when it is a directory holding
 a model's weight files (`model.safetensors`, its shard index, `pytorch_model.bin`, ...) and no
@@ -111,11 +111,10 @@ class ModelPair:
             yield WeightPair(name, base_name, self.base.weight(base_name), self.finetuned.weight(name))
 
     def deltas(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, ΔW = W_ft − W₀) per matched module; W₀ and W_ft are released once subtracted."""
-        for name, base_name in self.matched.items():
-            delta = self.finetuned.weight(name)
-            delta -= self.base.weight(base_name)
-            yield name, delta
+        """(name, ΔW = W_ft − W₀) per matched module, in the pair's dtype (subtracted in float64,
+        rounded once); W₀ and W_ft are released once subtracted."""
+        for name in self.matched:
+            yield name, self.delta(name).to(self.finetuned.dtype)
 
     def adapter(self) -> Adapter:
         """The pair as an `Adapter` of dense updates ΔW = W_ft − W₀ (kind "dense", s = 1), one

@@ -133,3 +133,14 @@ def test_a_model_without_base_and_mismatched_pairs_are_refused_in_one_line(model
     save_file(state, tmp_path / "bad" / "model.safetensors")
     with pytest.raises(LoraAnalysisError, match="missing in the fine-tuned model"):
         ModelPair(tmp_path / "bad", base)
+
+
+def test_deltas_are_the_float64_difference_rounded_once(models):
+    base, ft = models
+    pair = ModelPair(ft, base, patterns=["*key"])
+    W_ft, W0 = load_file(ft / "model.safetensors"), load_file(base / "model.safetensors")
+    deltas = dict(pair.deltas())
+    assert sorted(deltas) == ["encoder.layer.0.attention.self.key", "encoder.layer.1.attention.self.key"]
+    for name, delta in deltas.items():
+        expected = (W_ft[f"{name}.weight"].double() - W0[f"{name}.weight"].double()).float()
+        assert delta.dtype == torch.float32 and torch.equal(delta, expected)
