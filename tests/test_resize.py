@@ -222,3 +222,18 @@ def test_unknown_alpha_is_refused_and_gpt2_conv1d_adapters_round_trip_through_pe
     expected, S = oracle(delta, 3)
     torch.testing.assert_close(after.transformer.h[1].attn.c_attn.weight.detach().double() - W0, expected,
                                rtol=0, atol=1e-5 * float(S[0]))
+
+
+def test_compare_a_full_fine_tune_with_the_lora_extracted_from_it(model_pair, tmp_path, capsys):
+    """The extracted rank-3 adapter spans exactly the top-3 directions of W_ft − W₀: φ(i, i) = 1."""
+    base, ft = model_pair
+    assert main(["extract", str(ft), "--base", str(base), "--rank", "3", "--modules", "*query", "-o",
+                 str(tmp_path / "x"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(ft), str(tmp_path / "x"), "--base", str(base), "--modules", "*query", "--format", "json",
+                 "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["pairs"]) == 2
+    for pair in report["pairs"].values():
+        phi = np.array(pair["phi"], dtype=float)
+        np.testing.assert_allclose(np.diag(phi)[:3], 1.0, atol=1e-6)

@@ -56,6 +56,10 @@ examples:
   lora-analysis compare rank8/adapter_model.safetensors rank64/adapter_model.safetensors
   lora-analysis compare seed1/ seed2/ --basis dW-left --top-k 4 --plot phi.pdf
   lora-analysis compare a.safetensors b.safetensors --modules '*layer.11*' --format json -o phi.json
+  lora-analysis compare ./full-finetuned ./lora-run --base ./bert-base-uncased   # does LoRA find full FT's directions?
+
+A fine-tuned model on either side (with --base) stands for its ΔW = W_ft − W₀ (kind dense,
+compared in ΔW's singular vectors, dW-right unless --basis says otherwise).
 """
 
 
@@ -108,6 +112,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="A: right-singular vectors of A (paper default); B: left of B; "
                               "dW-left / dW-right: of ΔW (default: A, and dW-right for pairs whose update "
                               "kind has no factor A, e.g. LoHa, LoKr, DoRA, each pair labelled)")
+    compare.add_argument("--base", metavar="MODEL",
+                         help="base model of a fully fine-tuned model given on either side (its ΔW = W_ft − W₀ is compared)")
     compare.add_argument("--format", choices=COMPARE_FORMATS, default="text", help="report format (default: text)")
     compare.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE (atomically) instead of stdout")
     compare.add_argument("--plot", metavar="FILE", help="φ heatmaps (paper Figures 3/4) to FILE; format by extension: .png, .pdf, .svg")
@@ -162,8 +168,8 @@ def run_compare(args: argparse.Namespace) -> int:
         from ..plots import figure_format
 
         figure_format(args.plot)  # a bad extension fails before the work
-    adapter_a = _select(_load(args.adapter_a, args), args.modules, args.adapter_a)
-    adapter_b = _select(_load(args.adapter_b, args), args.modules, args.adapter_b)
+    adapter_a, adapter_b = (_model_pair(path, args.base, args.modules) or _select(_load(path, args), args.modules, path)
+                            for path in (args.adapter_a, args.adapter_b))
     spectra_a, spectra_b = (adapter_spectra(x, progress=not args.quiet, device=args.device) for x in (adapter_a, adapter_b))
     comparison = compare_adapters(spectra_a, spectra_b, basis=args.basis or "A", top_k=args.top_k,
                                   fallback=args.basis is None)
