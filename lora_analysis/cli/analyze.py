@@ -72,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     analyze.add_argument("adapter", metavar="ADAPTER",
                          help="adapter file (.safetensors, .bin, .pt, .pth) or directory; or a fine-tuned model (with --base)")
-    analyze.add_argument("--base", metavar="MODEL", help="pretrained weights: Hugging Face model directory or .safetensors file")
+    analyze.add_argument("--base", metavar="MODEL",
+                         help="pretrained weights: Hugging Face model directory, .safetensors file, or 'minilm' (built-in)")
     analyze.add_argument("--format", choices=REPORT_FORMATS, default="text", help="report format (default: text)")
     analyze.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE (atomically) instead of stdout")
     _add_module_filter(analyze)
@@ -130,6 +131,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     from ..analysis import AnalysisOptions, analyze_adapter
     from ..report import analyze_report, render_report
 
+    args.base = base_model_path(args.base)
     base = None
     if args.base:
         from ..base_weights import BaseWeights
@@ -164,6 +166,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from ..analysis import adapter_spectra, adapter_notes, compare_adapters
     from ..report import compare_report, render_report
 
+    args.base = base_model_path(args.base)
     if args.plot:
         from ..plots import figure_format
 
@@ -204,6 +207,14 @@ def _load(path: str, args: argparse.Namespace, weight_shapes: dict | None = None
             f"{path}: {len(dora)} DoRA module(s) (e.g. {dora[0]}): ΔW = diag(m/‖W₀ + sBA‖)(W₀ + sBA) − W₀ needs the "
             "base weights (--base, analyze only); --dora-direction analyses the direction update s·B·A alone instead")
     return adapter
+
+
+def base_model_path(base: str | None) -> str | None:
+    """--base as a path: a built-in model's name (`minilm`, as `train --model` takes it) is
+    its installed directory."""
+    from ..training.models import BUILTIN_MODELS, resolve_model
+
+    return os.fspath(resolve_model(base)[0]) if base in BUILTIN_MODELS else base
 
 
 def _model_pair(path: str, base: str | None, patterns: list[str] | None) -> Adapter | None:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import LoraAnalysisError
-from .analyze import _emit, _examples, _load, _model_pair, _positive_int, _progress, _select, _writing
+from .analyze import _emit, _examples, _load, _model_pair, _positive_int, _progress, _select, _writing, base_model_path
 from .main import add_common_options
 
 if TYPE_CHECKING:
@@ -79,7 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXTRACT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     extract.add_argument("finetuned", metavar="FINETUNED", help="fine-tuned model directory or weights file")
-    extract.add_argument("--base", metavar="MODEL", required=True, help="the base model it was fine-tuned from")
+    extract.add_argument("--base", metavar="MODEL", required=True,
+                         help="the base model it was fine-tuned from (directory, weights file, or 'minilm')")
     _add_shared(extract)
     extract.set_defaults(func=run_extract)
 
@@ -100,6 +100,7 @@ def _add_shared(parser: argparse.ArgumentParser) -> None:
 
 
 def run_resize(args: argparse.Namespace) -> int:
+    args.base = base_model_path(args.base)
     rule = _rule(args)
     _check_output(args.output, [args.adapter, args.base], args.force)
     base = None
@@ -122,6 +123,8 @@ def run_extract(args: argparse.Namespace) -> int:
     from ..model_pair import is_model_checkpoint
     from ..training.model_files import linear_layers
 
+    recorded = args.base  # in the adapter's config: "minilm", or the directory's name
+    args.base = base_model_path(args.base)
     rule = _rule(args)
     _check_output(args.output, [args.finetuned, args.base], args.force)
     if not is_model_checkpoint(args.finetuned):
@@ -146,7 +149,7 @@ def run_extract(args: argparse.Namespace) -> int:
     _progress(args, f"extracting {len(pair)} module(s) of {args.finetuned} against {args.base} ({rule.describe()})")
     from ..config import LoraConfig
 
-    config = LoraConfig(base_model_name_or_path=os.fspath(args.base))
+    config = LoraConfig(base_model_name_or_path=recorded)
     return _finish(pair, rule, args, args.finetuned, config=config)
 
 
