@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from training_fixtures import save_tiny_bert, training_assets
+from training_fixtures import save_tiny_bert, train_until_second_checkpoint, training_assets
 
 from lora_analysis import LoraAnalysisError, TrainConfig, evaluate, load_adapter, run_sweep, train
 from lora_analysis.cli.main import main
-from lora_analysis.training import loop
 from lora_analysis.training.checkpoint import load_checkpoint
 from lora_analysis.training.config import DEFAULT_LR, parse_size
 from lora_analysis.training.models import load_model
@@ -112,18 +111,7 @@ def test_full_resume_after_a_crash_is_bit_identical_and_checkpoints_hold_everyth
     config = full_config(assets, steps=9, checkpoint_every=3, eval_every=4, max_shard_size=SHARD)
     reference = train(config, output_dir=tmp_path / "straight")
 
-    save, calls = loop.save_checkpoint, []
-
-    def save_then_crash(*args, **kwargs):
-        save(*args, **kwargs)
-        calls.append(kwargs["step"])
-        if len(calls) == 2:
-            raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(config, output_dir=tmp_path / "crashed")
-    monkeypatch.setattr(loop, "save_checkpoint", save)
+    train_until_second_checkpoint(monkeypatch, config, tmp_path / "crashed")
     state = load_checkpoint(tmp_path / "crashed" / "checkpoint.pt")
     model_params = {n for n, _ in reference.model.named_parameters()}
     assert set(state["trainable"]) == model_params  # the whole model ...

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_fixtures import adapter_bytes, training_assets
+from training_fixtures import adapter_bytes, train_until_second_checkpoint, training_assets
 
 from lora_analysis import LoraAnalysisError, TrainConfig, load_adapter, train
 from lora_analysis.lora import lora_layers
@@ -91,19 +91,7 @@ def test_resume_after_a_crash_is_bit_identical(assets, tmp_path, monkeypatch):
     reference = train(config, output_dir=tmp_path / "straight")
     assert not (tmp_path / "straight" / "checkpoint.pt").exists()  # removed once complete
 
-    save = loop.save_checkpoint
-    calls = []
-
-    def save_then_crash(*args, **kwargs):  # the process dies right after the 2nd checkpoint
-        save(*args, **kwargs)
-        calls.append(kwargs["step"])
-        if len(calls) == 2:
-            raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(config, output_dir=tmp_path / "crashed")
-    monkeypatch.setattr(loop, "save_checkpoint", save)
+    calls = train_until_second_checkpoint(monkeypatch, config, tmp_path / "crashed")  # dies after the 2nd
     assert calls == [4, 8]
     assert not (tmp_path / "crashed" / "adapter_model.safetensors").exists()
 

@@ -88,3 +88,26 @@ def training_assets(root: Path) -> dict[str, Path]:
         "csv": write_sentiment_csv(root / "sentiment.csv"),
         "txt": write_corpus_txt(root / "corpus.txt"),
     }
+
+
+def train_until_second_checkpoint(monkeypatch, config, output_dir: Path) -> list[int]:
+    """Train `config` into `output_dir`, the process "dying" (RuntimeError) right after its 2nd
+    checkpoint is saved; returns the steps checkpointed."""
+    import pytest
+
+    from lora_analysis import train
+    from lora_analysis.training import loop
+
+    save, calls = loop.save_checkpoint, []
+
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        calls.append(kwargs["step"])
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config, output_dir=output_dir)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    return calls
