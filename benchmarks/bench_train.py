@@ -3,7 +3,8 @@
     python benchmarks/bench_train.py speed      # train step: our LoRA core vs PEFT, same config
     python benchmarks/bench_train.py memory     # peak RSS and trainable params: LoRA vs full FT
     python benchmarks/bench_train.py latency    # inference: merged LoRA vs base vs unmerged
-    python benchmarks/bench_train.py quality    # default recipe on Rotten Tomatoes
+    python benchmarks/bench_train.py quality    # default recipe on Rotten Tomatoes (--method full: full FT)
+    python benchmarks/bench_train.py steps      # train step: LoRA (our core) vs full fine-tuning
     python benchmarks/bench_train.py ranks      # accuracy vs r for {query} and {query,value}
 
 Speed and latency alternate the contenders step by step inside one process, so machine load
@@ -95,6 +96,22 @@ def bench_speed(args) -> dict:
     }
 
 
+def bench_steps(args) -> dict:
+    """Time per training step, LoRA r = 8 (query,value + head) vs full fine-tuning, alternating."""
+    (a, tokenizer), (b, _) = ours(), minilm()
+    batch = fixed_batch(tokenizer)
+    steps = {"lora": stepper(a, batch), "full": stepper(b, batch)}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for i in range(args.warmup + args.steps):
+        for name in (("lora", "full") if i % 2 == 0 else ("full", "lora")):
+            t = steps[name]()
+            if i >= args.warmup:
+                times[name].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"train_step_median_s": med, "ratio_full_over_lora": med["full"] / med["lora"],
+            "trainable_params": {"lora": trainable(a), "full": trainable(b)}, "steps_each": args.steps}
+
+
 def bench_memory(args) -> dict:
     out = {}
     for variant in ("lora", "full"):
@@ -146,9 +163,12 @@ def bench_latency(args) -> dict:
 
 def bench_quality(args) -> dict:
     start = time.perf_counter()
-    result = train(TrainConfig(steps=args.train_steps, seed=0, eval_every=args.train_steps, progress=not args.quiet))
-    return {"steps": args.train_steps, "initial": result.metrics["initial"], "final": result.metrics["final"],
-            "train_loop_s": result.metrics["wall_time_s"], "total_s": time.perf_counter() - start}
+    config = TrainConfig(steps=args.train_steps, seed=args.seeds[0], eval_every=args.eval_every or args.train_steps,
+                         method=args.method, lr=args.lr, progress=not args.quiet)
+    result = train(config)
+    return {"method": args.method, "lr": config.learning_rate, "steps": args.train_steps, "seed": args.seeds[0],
+            "evals": result.metrics["evals"], "train_loop_s": result.metrics["wall_time_s"],
+            "s_per_step": result.metrics["wall_time_s"] / args.train_steps, "total_s": time.perf_counter() - start}
 
 
 def bench_ranks(args) -> dict:
@@ -160,20 +180,23 @@ def bench_ranks(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["speed", "memory", "latency", "quality", "ranks", "_memory_child"])
+    parser.add_argument("what", choices=["speed", "steps", "memory", "latency", "quality", "ranks", "_memory_child"])
     parser.add_argument("variant", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per contender (speed, latency)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--memory-steps", type=int, default=10)
     parser.add_argument("--train-steps", type=int, default=200, help="quality / ranks: training steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--method", choices=["lora", "full"], default="lora", help="quality: LoRA or full fine-tuning")
+    parser.add_argument("--lr", type=float, help="quality: peak learning rate (default: the method's)")
+    parser.add_argument("--eval-every", type=int, default=0, help="quality: validate every N steps (default: at the end)")
     parser.add_argument("--run-dir", default="runs/bench_ranks")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     if args.what == "_memory_child":
         memory_child(args.variant, args.memory_steps)
         return
-    bench = {"speed": bench_speed, "memory": bench_memory, "latency": bench_latency, "quality": bench_quality, "ranks": bench_ranks}
+    bench = {"speed": bench_speed, "steps": bench_steps, "memory": bench_memory, "latency": bench_latency, "quality": bench_quality, "ranks": bench_ranks}
     result = bench[args.what](args)
     result["threads"] = torch.get_num_threads()
     print(json.dumps(result, indent=2))

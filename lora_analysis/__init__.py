@@ -40,6 +40,9 @@ _EXPORTS = {
     "compare_adapters": ".analysis",
     "compare_layers": ".analysis",
     "module_spectrum": ".analysis",
+    "RankRule": ".analysis",
+    "ResizeResult": ".analysis",
+    "resize_adapter": ".analysis",
     "subspace_similarity": ".analysis",
     "BaseWeights": ".base_weights",
     "LoraConfig": ".config",
@@ -54,6 +57,9 @@ _EXPORTS = {
     "remove_lora": ".lora",
     "trainable_parameters": ".lora",
     "unmerge_lora": ".lora",
+    "ModelPair": ".model_pair",
+    "is_model_checkpoint": ".model_pair",
+    "WeightPair": ".model_pair",
     "analyze_report": ".report",
     "compare_report": ".report",
     "render_report": ".report",
@@ -61,9 +67,11 @@ _EXPORTS = {
     "Shard": ".scan",
     "find_adapters": ".scan",
     "scan_adapters": ".scan",
+    "EvalResult": ".training",
     "SweepResult": ".training",
     "TrainConfig": ".training",
     "TrainResult": ".training",
+    "evaluate": ".training",
     "run_sweep": ".training",
     "train": ".training",
 }
@@ -89,11 +97,14 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .analysis import (
         AdapterAnalysis,
         AnalysisOptions,
+        RankRule,
+        ResizeResult,
         adapter_spectra,
         analyze_adapter,
         compare_adapters,
         compare_layers,
         module_spectrum,
+        resize_adapter,
         subspace_similarity,
     )
     from .base_weights import BaseWeights
@@ -109,9 +120,10 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         trainable_parameters,
         unmerge_lora,
     )
+    from .model_pair import ModelPair, WeightPair, is_model_checkpoint
     from .report import analyze_report, compare_report, render_report
     from .scan import ScanResult, Shard, find_adapters, scan_adapters
-    from .training import SweepResult, TrainConfig, TrainResult, run_sweep, train
+    from .training import EvalResult, SweepResult, TrainConfig, TrainResult, evaluate, run_sweep, train
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

@@ -239,6 +239,12 @@ class BaseWeights:
             self._bin_cache[path] = state
         return self._bin_cache[path]
 
+    def file_of(self, name: str) -> str:
+        """The file holding module `name`'s weight (its shard, for sharded checkpoints), or
+        the in-memory source's description: where a problem with that weight lies."""
+        key = self.resolve(name)
+        return str(self._files[key]) if key in self._files else self.source
+
 
 def _weight_files(path: Path) -> list[Path]:
     """The weight files behind a model directory or a single file."""

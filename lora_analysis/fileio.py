@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -72,15 +73,41 @@ def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40]
 
 
+@contextlib.contextmanager
+def staging_directory(parent: str | os.PathLike) -> Iterator[Path]:
+    """A new empty directory in `parent`, named as `atomic_path`'s temp files are (so
+    `remove_stale_temp_files` removes one a killed process left), removed with whatever it
+    still holds when the block ends. For outputs of several files written by other code
+    (`save_pretrained`): write them here, then move each onto its name (`publish_file`)."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f".staging.{os.getpid()}@{_host_tag()}.", suffix=TEMP_SUFFIX, dir=parent))
+    os.chmod(path, 0o777 & ~_umask())
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def publish_file(source: Path, target: Path) -> None:
+    """Move the finished file `source` onto `target` atomically (same file system), durable:
+    its data is flushed before the rename, as `atomic_path` does."""
+    with open(source, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(source, target)
+
+
 def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
-    """Delete the temp files `atomic_path` left in `directory` when its process was killed
-    mid-write: only names it gives, only from this host, only of processes no longer running.
-    Returns the paths deleted."""
+    """Delete the temp files (and staging directories) `atomic_path` / `staging_directory`
+    left in `directory` when their process was killed mid-write: only names they give, only
+    from this host, only of processes no longer running. Returns the paths deleted."""
     removed = []
     for path in Path(directory).glob(".*" + TEMP_SUFFIX):
         owner = _OWNED_TEMP.match(path.name)
         if owner and owner["host"] == _host_tag() and not _process_alive(int(owner["pid"])):
-            path.unlink(missing_ok=True)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 

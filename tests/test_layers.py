@@ -24,7 +24,7 @@ ROOT = "lora_analysis"
 LAYERS: list[set[str]] = [
     {"errors", "fileio", "naming", "config", "version", "lazy", "devices", "seeding", "assets"},
     {"adapters"},
-    {"analysis", "base_weights", "lora"},
+    {"analysis", "base_weights", "model_pair", "lora"},
     {"report", "plots"},
     {"reproduce", "training", "scan"},
     {"cli"},
@@ -34,6 +34,7 @@ LAYERS: list[set[str]] = [
 SAME_LEVEL = {
     ("fileio", "errors"), ("naming", "errors"), ("assets", "errors"), ("devices", "errors"),
     ("analysis", "base_weights"), ("lora", "base_weights"),
+    ("model_pair", "base_weights"), ("analysis", "model_pair"),
     ("report", "plots"),
     ("reproduce", "training"),
 }

@@ -41,7 +41,8 @@ def test_sweep_writes_cells_and_manifest_then_skips_them(base, tmp_path):
     assert list(result.cells) == NAMES
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest == result.manifest
-    assert manifest["grid"] == {"ranks": [1, 4], "seeds": [0], "target_sets": [["query", "value"], ["query"]]}
+    assert manifest["grid"] == {"ranks": [1, 4], "seeds": [0], "target_sets": [["query", "value"], ["query"]],
+                                "methods": ["lora"], "full_lr": None}
     assert manifest["config"]["steps"] == 6 and "r" not in manifest["config"]
     assert {"torch", "transformers", "lora_analysis", "python"} <= set(manifest["versions"])
     for name, path in result.cells.items():

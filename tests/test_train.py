@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_fixtures import adapter_bytes, save_tiny_bert, save_tiny_gpt2, write_corpus_txt, write_sentiment_csv
+from training_fixtures import adapter_bytes, train_until_second_checkpoint, training_assets
 
 from lora_analysis import LoraAnalysisError, TrainConfig, load_adapter, train
 from lora_analysis.lora import lora_layers
@@ -25,13 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_assets")
-    return {
-        "bert": save_tiny_bert(root / "bert"),
-        "gpt2": save_tiny_gpt2(root / "gpt2"),
-        "csv": write_sentiment_csv(root / "sentiment.csv"),
-        "txt": write_corpus_txt(root / "corpus.txt"),
-    }
+    return training_assets(tmp_path_factory.mktemp("train_assets"))
 
 
 def bert_config(assets, **overrides) -> TrainConfig:
@@ -97,19 +91,7 @@ def test_resume_after_a_crash_is_bit_identical(assets, tmp_path, monkeypatch):
     reference = train(config, output_dir=tmp_path / "straight")
     assert not (tmp_path / "straight" / "checkpoint.pt").exists()  # removed once complete
 
-    save = loop.save_checkpoint
-    calls = []
-
-    def save_then_crash(*args, **kwargs):  # the process dies right after the 2nd checkpoint
-        save(*args, **kwargs)
-        calls.append(kwargs["step"])
-        if len(calls) == 2:
-            raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(config, output_dir=tmp_path / "crashed")
-    monkeypatch.setattr(loop, "save_checkpoint", save)
+    calls = train_until_second_checkpoint(monkeypatch, config, tmp_path / "crashed")  # dies after the 2nd
     assert calls == [4, 8]
     assert not (tmp_path / "crashed" / "adapter_model.safetensors").exists()
 

@@ -78,3 +78,36 @@ def write_corpus_txt(path: Path, n: int = 120, seed: int = 0) -> Path:
 def adapter_bytes(directory: Path) -> bytes:
     """The adapter file, byte for byte (save_adapter writes equal adapters as equal bytes)."""
     return (directory / "adapter_model.safetensors").read_bytes()
+
+
+def training_assets(root: Path) -> dict[str, Path]:
+    """The tiny BERT and GPT-2, a sentiment CSV and a text corpus under `root`."""
+    return {
+        "bert": save_tiny_bert(root / "bert"),
+        "gpt2": save_tiny_gpt2(root / "gpt2"),
+        "csv": write_sentiment_csv(root / "sentiment.csv"),
+        "txt": write_corpus_txt(root / "corpus.txt"),
+    }
+
+
+def train_until_second_checkpoint(monkeypatch, config, output_dir: Path) -> list[int]:
+    """Train `config` into `output_dir`, the process "dying" (RuntimeError) right after its 2nd
+    checkpoint is saved; returns the steps checkpointed."""
+    import pytest
+
+    from lora_analysis import train
+    from lora_analysis.training import loop
+
+    save, calls = loop.save_checkpoint, []
+
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        calls.append(kwargs["step"])
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config, output_dir=output_dir)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    return calls

@@ -7,7 +7,7 @@ them. Nothing here knows `torch.nn` models: putting an adapter into a model (`ap
 and reading one out of it (`extract_adapter`) are the model side's, in `lora_analysis.lora`.
 """
 
-from .adapter import Adapter, LazyModules, LoraModule, delta_weight
+from .adapter import Adapter, LazyModules, LoraModule, StreamedModules, delta_weight
 from .files import load_adapter, save_adapter
 from .updates import (
     AdaLoraModule,
@@ -38,6 +38,7 @@ __all__ = [
     "LokrModule",
     "LoraModule",
     "Storage",
+    "StreamedModules",
     "TuckerModule",
     "Update",
     "UpdateInfo",

@@ -24,7 +24,7 @@ from ..errors import AdapterFormatError, shown
 from .containers import TensorFile
 from .updates import DoraModule, LoraModule, Update, UpdateInfo, delta_weight
 
-__all__ = ["Adapter", "LazyModules", "LoraModule", "ModuleSpec", "delta_weight"]
+__all__ = ["Adapter", "LazyModules", "LoraModule", "ModuleSpec", "StreamedModules", "delta_weight"]
 
 
 @dataclass
@@ -48,7 +48,24 @@ def checked_tensor(path: object, key: str, tensor: torch.Tensor) -> torch.Tensor
     return tensor
 
 
-class LazyModules(Mapping[str, Update]):
+class StreamedModules(Mapping[str, Update]):
+    """{module name: update} made on access and never cached, so that one module's tensors are
+    resident at a time; `info(name)` answers what reports need without reading tensors.
+    Subclasses: `LazyModules` (an adapter file), `model_pair.PairModules` (ΔW = W_ft − W₀)."""
+
+    def info(self, name: str) -> UpdateInfo:
+        raise NotImplementedError
+
+    def subset(self, names: list[str]) -> "StreamedModules":
+        """The same source restricted to `names`."""
+        raise NotImplementedError
+
+    def mapped(self, transform: Callable[[Update], Update]) -> "StreamedModules":
+        """The same modules with `transform` applied to each update handed out."""
+        raise NotImplementedError
+
+
+class LazyModules(StreamedModules):
     """{module name: update} read from a tensor file on access, never cached (streaming).
 
     The structure of every module was checked at construction (built on meta tensors);
@@ -137,7 +154,7 @@ class Adapter:
 
     def info(self, name: str) -> UpdateInfo:
         """Kind, shape, r, α, scale, parameters of a module, without reading its tensors."""
-        if isinstance(self.modules, LazyModules):
+        if isinstance(self.modules, StreamedModules):
             return self.modules.info(name)
         return self.modules[name].info
 
@@ -160,7 +177,7 @@ class Adapter:
 
     def select(self, names: list[str]) -> "Adapter":
         """A view restricted to `names` (same tensors, no copy, no repeated warning)."""
-        modules = self.modules.subset(names) if isinstance(self.modules, LazyModules) else {n: self.modules[n] for n in names}
+        modules = self.modules.subset(names) if isinstance(self.modules, StreamedModules) else {n: self.modules[n] for n in names}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return replace(self, modules=modules)
@@ -172,7 +189,7 @@ class Adapter:
         def direction(update: Update) -> Update:
             return update.direction() if isinstance(update, DoraModule) else update
 
-        if isinstance(self.modules, LazyModules):
+        if isinstance(self.modules, StreamedModules):
             modules: Mapping[str, Update] = self.modules.mapped(direction)
         else:
             modules = {name: direction(m) for name, m in self.modules.items()}

@@ -8,6 +8,8 @@
 - projection: W's SVD (`weight_svd`, cached), Table 7 (`projection_norms`), Figure 8 (`phi_vs_weight`).
 - intruders: intruder dimensions of W + ΔW (`intruder_dimensions`).
 - analyze: `analyze_adapter` (`AnalysisOptions`), everything per module for reports.
+- resize: the best rank-k adapter per module (`resize_adapter`, `RankRule` → `ResizeResult`),
+  Eckart–Young truncation from the exact factored form; `extract` is it on a model pair.
 
 Random references (random subspaces, sketches) are drawn with `seeding.seeded_generator` and
 `seeding.random_basis`, re-exported here.
@@ -25,6 +27,7 @@ from .projection import (
     projection_norms,
     weight_svd,
 )
+from .resize import ModuleResize, RankRule, ResizeResult, resize_adapter
 from .similarity import (
     AdapterComparison,
     Comparison,
@@ -65,9 +68,12 @@ __all__ = [
     "Intruders",
     "LayerComparison",
     "ModuleAnalysis",
+    "ModuleResize",
     "ModuleSpectrum",
     "ProjectionNorms",
     "RankMetrics",
+    "RankRule",
+    "ResizeResult",
     "WeightSpectrum",
     "adapter_notes",
     "adapter_spectra",
@@ -89,6 +95,7 @@ __all__ = [
     "random_basis",
     "random_reference_grid",
     "rank_metrics",
+    "resize_adapter",
     "seeded_generator",
     "subspace_similarity",
     "weight_svd",

@@ -180,7 +180,9 @@ def _compare_with_weight(result: ModuleAnalysis, W: torch.Tensor, options: Analy
     result.projection = projection_norms(spectrum, W, weight_spectrum=weight_spectrum)
     result.phi_vs_weight = phi_vs_weight(spectrum, weight_spectrum.top(options.weight_k))
     if intruders:
+        # a weight with fewer than intruder_k singular vectors (BERT's 2 × d token-type embeddings)
+        # has all of them checked; the result records the k used
         result.intruders = intruder_dimensions(
-            spectrum, W, options.intruder_k, options.intruder_epsilon, weight_spectrum,
+            spectrum, W, min(options.intruder_k, min(spectrum.shape)), options.intruder_epsilon, weight_spectrum,
             exact_max_dim=options.exact_max_dim,
         )

@@ -57,6 +57,9 @@ from ..errors import LoraAnalysisError
 
 DEFAULT_TAUS: tuple[float, ...] = (0.9, 0.99)
 FLOAT64_TINY = float(np.finfo(np.float64).tiny)  # smallest normal float64
+# Thresholds on σ (energy τ, ratio σ₁/x) are met within this relative slack, so that e.g. τ = 0.5
+# of four equal values gives 2, not 3, and σ = σ₁/4 passes σ ≥ σ₁/4, under rounding of the SVD.
+THRESHOLD_SLACK = 1e-12
 T = TypeVar("T")
 
 # Where the base weight W₀ of a module comes from, for kinds whose ΔW needs it (DoRA).
@@ -281,8 +284,7 @@ def rank_metrics(S: torch.Tensor | np.ndarray, taus: Sequence[float] = DEFAULT_T
     energy = ratio**2
     total = energy.sum()
     cumulative = np.cumsum(energy)
-    # Relative slack so that e.g. τ = 0.5 of four equal values gives 2, not 3, under rounding.
-    energy_rank = {float(t): int(np.searchsorted(cumulative, t * total * (1 - 1e-12)) + 1) for t in taus}
+    energy_rank = {float(t): int(np.searchsorted(cumulative, t * total * (1 - THRESHOLD_SLACK)) + 1) for t in taus}
     return RankMetrics(
         frobenius=_times(peak, math.sqrt(float(total)), "‖ΔW‖_F"),
         sigma_max=peak,

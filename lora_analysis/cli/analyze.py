@@ -39,6 +39,11 @@ examples:
   lora-analysis analyze kohya_lora.safetensors --tau 0.8 0.95 --format markdown
   lora-analysis analyze ./adapter --format json -o report.json
   lora-analysis analyze ./adapter --base ./bert-base-uncased --format html -o report.html
+  lora-analysis analyze ./full-finetuned-model --base ./bert-base-uncased   # full fine-tuning: ΔW = W_ft − W₀
+
+A model directory (or a model's .safetensors file) instead of an adapter, with --base, is a
+full fine-tune: every 2-D weight's ΔW = W_ft − W₀ (or those --modules selects) is analysed as
+a dense update (exact float64 SVD), the two models read one module at a time.
 """
 
 COMPARE_EPILOG = """\
@@ -51,6 +56,10 @@ examples:
   lora-analysis compare rank8/adapter_model.safetensors rank64/adapter_model.safetensors
   lora-analysis compare seed1/ seed2/ --basis dW-left --top-k 4 --plot phi.pdf
   lora-analysis compare a.safetensors b.safetensors --modules '*layer.11*' --format json -o phi.json
+  lora-analysis compare ./full-finetuned ./lora-run --base ./bert-base-uncased   # does LoRA find full FT's directions?
+
+A fine-tuned model on either side (with --base) stands for its ΔW = W_ft − W₀ (kind dense,
+compared in ΔW's singular vectors, dW-right unless --basis says otherwise).
 """
 
 
@@ -61,8 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "rank recommendation, and (with --base) ΔW against the pretrained weights.",
         epilog=ANALYZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    analyze.add_argument("adapter", metavar="ADAPTER", help="adapter file (.safetensors, .bin, .pt, .pth) or directory")
-    analyze.add_argument("--base", metavar="MODEL", help="pretrained weights: Hugging Face model directory or .safetensors file")
+    analyze.add_argument("adapter", metavar="ADAPTER",
+                         help="adapter file (.safetensors, .bin, .pt, .pth) or directory; or a fine-tuned model (with --base)")
+    analyze.add_argument("--base", metavar="MODEL",
+                         help="pretrained weights: Hugging Face model directory, .safetensors file, or 'minilm' (built-in)")
     analyze.add_argument("--format", choices=REPORT_FORMATS, default="text", help="report format (default: text)")
     analyze.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE (atomically) instead of stdout")
     _add_module_filter(analyze)
@@ -102,6 +113,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="A: right-singular vectors of A (paper default); B: left of B; "
                               "dW-left / dW-right: of ΔW (default: A, and dW-right for pairs whose update "
                               "kind has no factor A, e.g. LoHa, LoKr, DoRA, each pair labelled)")
+    compare.add_argument("--base", metavar="MODEL",
+                         help="base model of a fully fine-tuned model given on either side (its ΔW = W_ft − W₀ is compared)")
     compare.add_argument("--format", choices=COMPARE_FORMATS, default="text", help="report format (default: text)")
     compare.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE (atomically) instead of stdout")
     compare.add_argument("--plot", metavar="FILE", help="φ heatmaps (paper Figures 3/4) to FILE; format by extension: .png, .pdf, .svg")
@@ -118,13 +131,18 @@ def run_analyze(args: argparse.Namespace) -> int:
     from ..analysis import AnalysisOptions, analyze_adapter
     from ..report import analyze_report, render_report
 
+    args.base = base_model_path(args.base)
     base = None
     if args.base:
         from ..base_weights import BaseWeights
 
         base = BaseWeights(args.base)
-    adapter = _load(args.adapter, args, base.tensor_shapes if base else None, alpha=args.alpha, with_base=base is not None)
-    selected = _select(adapter, args.modules, args.adapter)
+    pair = _model_pair(args.adapter, args.base, args.modules)
+    if pair is not None:
+        adapter = selected = pair
+    else:
+        adapter = _load(args.adapter, args, base.tensor_shapes if base else None, alpha=args.alpha, with_base=base is not None)
+        selected = _select(adapter, args.modules, args.adapter)
     base_names = None
     if base is not None:  # fail before the long work
         infos = {name: selected.info(name) for name in selected}
@@ -148,12 +166,13 @@ def run_compare(args: argparse.Namespace) -> int:
     from ..analysis import adapter_spectra, adapter_notes, compare_adapters
     from ..report import compare_report, render_report
 
+    args.base = base_model_path(args.base)
     if args.plot:
         from ..plots import figure_format
 
         figure_format(args.plot)  # a bad extension fails before the work
-    adapter_a = _select(_load(args.adapter_a, args), args.modules, args.adapter_a)
-    adapter_b = _select(_load(args.adapter_b, args), args.modules, args.adapter_b)
+    adapter_a, adapter_b = (_model_pair(path, args.base, args.modules) or _select(_load(path, args), args.modules, path)
+                            for path in (args.adapter_a, args.adapter_b))
     spectra_a, spectra_b = (adapter_spectra(x, progress=not args.quiet, device=args.device) for x in (adapter_a, adapter_b))
     comparison = compare_adapters(spectra_a, spectra_b, basis=args.basis or "A", top_k=args.top_k,
                                   fallback=args.basis is None)
@@ -188,6 +207,29 @@ def _load(path: str, args: argparse.Namespace, weight_shapes: dict | None = None
             f"{path}: {len(dora)} DoRA module(s) (e.g. {dora[0]}): ΔW = diag(m/‖W₀ + sBA‖)(W₀ + sBA) − W₀ needs the "
             "base weights (--base, analyze only); --dora-direction analyses the direction update s·B·A alone instead")
     return adapter
+
+
+def base_model_path(base: str | None) -> str | None:
+    """--base as a path: a built-in model's name (`minilm`, as `train --model` takes it) is
+    its installed directory. Without --base nothing is imported (analyze stays lean)."""
+    if base is None:
+        return None
+    from ..training.models import BUILTIN_MODELS, resolve_model
+
+    return os.fspath(resolve_model(base)[0]) if base in BUILTIN_MODELS else base
+
+
+def _model_pair(path: str, base: str | None, patterns: list[str] | None) -> Adapter | None:
+    """The dense ΔW = W_ft − W₀ of a fine-tuned model at `path` against `base` (streamed), or
+    None when `path` is an adapter. A model without --base is refused."""
+    from ..model_pair import ModelPair, is_model_checkpoint
+
+    if not is_model_checkpoint(path):
+        return None
+    if not base:
+        raise LoraAnalysisError(f"{path}: a model, not an adapter: its full fine-tuning ΔW = W_ft − W₀ needs the base "
+                                "model (--base BASE_MODEL)")
+    return ModelPair(path, base, patterns).adapter()
 
 
 def _select(adapter: Adapter, patterns: list[str] | None, path: str) -> Adapter:

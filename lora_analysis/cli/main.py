@@ -21,8 +21,8 @@ from ..errors import LoraAnalysisError
 from ..version import __version__
 
 # command -> the module under lora_analysis.cli that registers it (in the order --help lists them)
-COMMANDS: dict[str, str] = {"train": "train", "sweep": "train", "analyze": "analyze", "compare": "analyze",
-                            "scan": "scan", "reproduce": "reproduce"}
+COMMANDS: dict[str, str] = {"train": "train", "sweep": "train", "evaluate": "train", "analyze": "analyze",
+                            "compare": "analyze", "resize": "resize", "extract": "resize", "scan": "scan", "reproduce": "reproduce"}
 SUBCOMMANDS: list[str] = list(dict.fromkeys(COMMANDS.values()))
 
 

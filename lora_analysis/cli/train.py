@@ -1,4 +1,5 @@
-"""`lora-analysis train` and `lora-analysis sweep`: train LoRA adapters with our own core.
+"""`lora-analysis train`, `sweep` and `evaluate`: train LoRA adapters with our own core (or
+fine-tune every weight), and score trained models and adapters on a validation split.
 
 The parser reads `TrainConfig`'s defaults and the data tables, none of which import torch; the
 training code is imported when a command runs.
@@ -11,7 +12,8 @@ from dataclasses import fields
 from typing import Any
 
 from ..config import ALL_LINEAR
-from ..training.config import TrainConfig, parse_targets
+from ..errors import LoraAnalysisError
+from ..training.config import DEFAULT_LR, METHODS, TrainConfig, parse_size, parse_targets
 from ..training.data import BUILTIN_DATASETS, TASKS
 from .main import add_common_options
 
@@ -23,35 +25,54 @@ examples:
   lora-analysis train --steps 200 --output-dir runs/r8 --resume        # continue an interrupted run
   lora-analysis train --steps 200 --seed 1 --output-dir runs/r8 --overwrite   # replace what is there
   torchrun --nproc_per_node 2 -m lora_analysis train --output-dir runs/ddp   # DDP, rank 0 writes
+  lora-analysis train --method full --steps 200 --output-dir runs/full      # every weight, lr 5e-5
 
 The output directory is a PEFT adapter (adapter_model.safetensors + adapter_config.json, the
-classifier head as modules_to_save) plus metrics.json; checkpoint.pt exists while it runs.
-A directory holding a trained adapter or an unfinished run (checkpoint.pt) is refused unless
---resume (continue it; a finished run of the same settings is kept as it is) or --overwrite
-(train from step 0 and replace it). A second run into a directory in use is refused.
+classifier head as modules_to_save) plus metrics.json; with --method full, a Hugging Face model
+directory (config.json, model.safetensors or shards above --max-shard-size with
+model.safetensors.index.json, tokenizer files) plus metrics.json. checkpoint.pt exists while it
+runs (for full fine-tuning it holds the whole model and Adam's two moments: about 3x the model).
+A directory holding a trained adapter or model or an unfinished run (checkpoint.pt) is refused
+unless --resume (continue it; a finished run of the same settings is kept as it is) or
+--overwrite (train from step 0 and replace it). A second run into a directory in use is refused.
 """
 
 SWEEP_EPILOG = """\
 examples:
   lora-analysis sweep --ranks 1 2 4 8 64 --seeds 0 1 --targets query,value query --output-dir runs/sweep
   lora-analysis sweep --ranks 8 64 --seeds 0 --steps 100 --output-dir runs/small
+  lora-analysis sweep --methods lora full --ranks 8 64 --seeds 0 1 2 --output-dir runs/study
 
-One subdirectory per cell (e.g. r8-s0-query_value) and manifest.json. Re-running the same
-command skips finished cells and resumes unfinished ones; other settings are refused (use a new
-output directory). A second sweep into a directory in use is refused.
+One subdirectory per cell (e.g. r8-s0-query_value, and full-s0 for full fine-tuning) and
+manifest.json. LoRA cells train at --lr, full fine-tuning cells at --full-lr. Re-running the
+same command skips finished cells and resumes unfinished ones; other settings are refused (use
+a new output directory). A second sweep into a directory in use is refused.
+"""
+
+EVALUATE_EPILOG = """\
+examples:
+  lora-analysis evaluate runs/r8                     # a run: its validation split, as in its metrics.json
+  lora-analysis evaluate runs/full                   # a fully fine-tuned model directory
+  lora-analysis evaluate adapter.safetensors --base ./my-bert --data reviews.csv --label-column stars
+
+Prints the validation accuracy (classification) or perplexity (causal LM) and the mean loss.
+The data, columns, labels, split and sequence length come from the metrics.json beside the
+model or adapter (a run of `train`); options given here replace them. Evaluating a run
+reproduces the final numbers its metrics.json records.
 """
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     train_parser = subparsers.add_parser(
-        "train", help="train a LoRA adapter", description="Train one LoRA adapter (our core, not peft).",
+        "train", help="train a LoRA adapter, or fine-tune every weight",
+        description="Train one LoRA adapter (our core, not peft), or fine-tune every weight (--method full).",
         epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_training_options(train_parser, sweep=False)
     train_parser.add_argument("--resume", action="store_true",
                               help="continue from OUTPUT_DIR/checkpoint.pt (a finished run of the same settings is kept)")
     train_parser.add_argument("--overwrite", action="store_true",
-                              help="train from step 0 even if OUTPUT_DIR holds a trained adapter or a checkpoint, replacing them")
+                              help="train from step 0 even if OUTPUT_DIR holds a trained adapter or model or a checkpoint, replacing them")
     add_common_options(train_parser)
     train_parser.set_defaults(func=run)
 
@@ -63,6 +84,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_training_options(sweep_parser, sweep=True)
     add_common_options(sweep_parser)
     sweep_parser.set_defaults(func=run_sweep_command)
+
+    evaluate_parser = subparsers.add_parser(
+        "evaluate", help="validation accuracy / perplexity of a trained model or adapter",
+        description="Evaluate a fine-tuned model directory, or an adapter on its base model, on a validation split.",
+        epilog=EVALUATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_evaluate_options(evaluate_parser)
+    add_common_options(evaluate_parser)
+    evaluate_parser.set_defaults(func=run_evaluate)
 
 
 def _add_training_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
@@ -77,19 +107,27 @@ def _add_training_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--labels", nargs="+", help="label values in class-id order; other labels are errors")
     g.add_argument("--val-fraction", type=float, default=d.val_fraction, help="held-out fraction (default: %(default)s)")
     g.add_argument("--split-seed", type=int, default=d.split_seed, help="seed of the train/validation split")
-    g = parser.add_argument_group("LoRA")
+    g = parser.add_argument_group("method and LoRA")
     if sweep:
-        g.add_argument("--ranks", type=int, nargs="+", required=True, help="ranks r to train")
+        g.add_argument("--methods", nargs="+", choices=METHODS, default=["lora"],
+                       help="lora: the rank x seed x target-set grid; full: one full fine-tuning per seed (default: lora)")
+        g.add_argument("--ranks", type=int, nargs="+", default=[], help="ranks r to train (LoRA)")
         g.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
         g.add_argument("--targets", nargs="+", default=["query,value"], help="target sets, each " + targets_help)
     else:
+        g.add_argument("--method", choices=METHODS, default=d.method,
+                       help="lora: train LoRA factors and the head; full: fine-tune every weight (default: %(default)s)")
         g.add_argument("-r", "--rank", dest="r", type=int, default=d.r, help="LoRA rank (default: %(default)s)")
         g.add_argument("--seed", type=int, default=d.seed, help="seed: init, data order, dropout (default: %(default)s)")
         g.add_argument("--targets", default="query,value", help=targets_help)
     g.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha; scale = alpha/r (default: %(default)s)")
     g.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the LoRA path (default: %(default)s)")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (default: %(default)s)")
+    default_lr = f"{DEFAULT_LR['lora']:g} for LoRA, {DEFAULT_LR['full']:g} for full fine-tuning"
+    g.add_argument("--lr", type=float, default=d.lr, help=f"peak AdamW learning rate{' of LoRA cells' if sweep else ''} "
+                                                         f"(default: {default_lr if not sweep else format(DEFAULT_LR['lora'], 'g')})")
+    if sweep:
+        g.add_argument("--full-lr", type=float, help=f"peak learning rate of full fine-tuning cells (default: {DEFAULT_LR['full']:g})")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="linear warm-up share of steps (default: %(default)s)")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
@@ -103,7 +141,33 @@ def _add_training_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="checkpoint every N steps (0: never)")
     g.add_argument("--device", default=d.device, help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
-    g.add_argument("--output-dir", required=True, help="adapter directory" + (" root: one subdirectory per cell" if sweep else ""))
+    g.add_argument("--max-shard-size", type=_size, default=d.max_shard_size, metavar="SIZE",
+                   help="full fine-tuning: save the model in safetensors shards of at most SIZE ('500MB', '5GB', bytes; "
+                        "default 5GB)")
+    g.add_argument("--output-dir", required=True, help="output directory" + (" root: one subdirectory per cell" if sweep else ""))
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_evaluate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="a model directory (train --method full), or an adapter (file or directory)")
+    parser.add_argument("--base", help="the model an adapter is applied to (default: the model its run trained on)")
+    g = parser.add_argument_group("data (default: what the run's metrics.json records)")
+    g.add_argument("--task", choices=TASKS)
+    g.add_argument("--data", help=f"built-in ({', '.join(BUILTIN_DATASETS)}) or a .csv/.tsv/.jsonl/.txt file")
+    g.add_argument("--text-column")
+    g.add_argument("--label-column")
+    g.add_argument("--labels", nargs="+", help="label values in class-id order")
+    g.add_argument("--val-fraction", type=float, help="held-out fraction of the data")
+    g.add_argument("--split-seed", type=int, help="seed of the train/validation split")
+    g.add_argument("--max-seq-len", type=int, help="tokens per example")
+    g.add_argument("--batch-size", type=int, help="evaluation batch (default: the run's eval batch size)")
+    g.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
 
 
 def _config(args: argparse.Namespace, **cell: Any) -> TrainConfig:
@@ -123,21 +187,34 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
-    from ..training import cell_name, run_sweep
+    from ..training import run_sweep
     from ..training.distributed import is_main_process
 
+    if "lora" in args.methods and not args.ranks:
+        raise LoraAnalysisError("sweep: --ranks is required for LoRA cells (or pass --methods full)")
     target_sets = [parse_targets(t) for t in args.targets]
-    base = _config(args, r=args.ranks[0], seed=args.seeds[0], targets=target_sets[0], output_dir=None)
-    result = run_sweep(base, args.output_dir, args.ranks, args.seeds, target_sets)
+    base = _config(args, r=(args.ranks or [TrainConfig.r])[0], seed=args.seeds[0], targets=target_sets[0], output_dir=None)
+    result = run_sweep(base, args.output_dir, args.ranks, args.seeds, target_sets, methods=args.methods, full_lr=args.full_lr)
     if not is_main_process():
         return 0
-    for targets in target_sets:
-        for r in args.ranks:
-            for seed in args.seeds:
-                name = cell_name(r, seed, targets)
-                cell = result.manifest["cells"][name]
-                print(_summary(name, {"final": cell["final"], "initial": cell["initial"], "wall_time_s": cell["wall_time_s"]}, cell["status"]))
+    for name in result.cells:
+        cell = result.manifest["cells"][name]
+        print(_summary(name, {"final": cell["final"], "initial": cell["initial"], "wall_time_s": cell["wall_time_s"]}, cell["status"]))
     print(f"manifest: {result.manifest_path}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from ..training import evaluate
+
+    names = ("task", "data", "text_column", "label_column", "labels", "val_fraction", "split_seed", "max_seq_len")
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    result = evaluate(args.path, base=args.base, device=args.device, batch_size=args.batch_size,
+                      progress=not args.quiet, **overrides)
+    score = (f"val_accuracy {result.accuracy:.4f}" if result.accuracy is not None
+             else f"val_perplexity {result.perplexity:.4f}")
+    print(f"{args.path}: {score}, val_loss {result.metrics['val_loss']:.4f} "
+          f"({result.examples} validation examples of {result.config.data})")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Training LoRA adapters with our own core: data sets, the loop, checkpoints, DDP, sweeps.
+"""Training LoRA adapters with our own core (or fine-tuning every weight): data sets, the loop,
+checkpoints, DDP, sweeps, evaluation.
 
 Names are imported on first use (PEP 562): the command line reads `TrainConfig`'s defaults for
 its help without importing torch.
@@ -16,6 +17,9 @@ _EXPORTS = {
     "TextDataset": ".data",
     "load_dataset": ".data",
     "split_dataset": ".data",
+    "EvalResult": ".evaluation",
+    "evaluate": ".evaluation",
+    "run_config": ".evaluation",
     "TrainResult": ".loop",
     "train": ".loop",
     "load_model": ".models",
@@ -27,6 +31,7 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from .config import TrainConfig
     from .data import BUILTIN_DATASETS, TextDataset, load_dataset, split_dataset
+    from .evaluation import EvalResult, evaluate, run_config
     from .loop import TrainResult, train
     from .models import load_model
     from .sweep import SweepResult, cell_name, run_sweep

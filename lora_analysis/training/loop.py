@@ -1,12 +1,15 @@
-"""The training loop: LoRA on a Hugging Face model with AdamW, warm-up + linear decay, clipping.
+"""The training loop: LoRA or full fine-tuning of a Hugging Face model with AdamW, warm-up +
+linear decay, clipping.
 
     result = train(TrainConfig(steps=200, seed=0, output_dir="runs/r8"))
     result.metrics["final"]["val_accuracy"], result.adapter
+    result = train(method="full", output_dir="runs/full")   # result.output_dir: a model directory
 
-Writes to `output_dir` (rank 0 only): the adapter in PEFT layout (adapter_model.safetensors,
-adapter_config.json; the classifier head as modules_to_save), `metrics.json`, and while
-running `checkpoint.pt` (removed when the run completes). On the CPU the same config gives a
-bit-identical adapter file, with or without interruptions and `resume`. What may already be in
+Writes to `output_dir` (rank 0 only): for LoRA the adapter in PEFT layout
+(adapter_model.safetensors, adapter_config.json; the classifier head as modules_to_save), for
+full fine-tuning a Hugging Face model directory (`model_files`); `metrics.json`; and while
+running `checkpoint.pt` (removed when the run completes). On the CPU the same config gives
+bit-identical weight files, with or without interruptions and `resume`. What may already be in
 `output_dir`, and the lock held on it while training: see `output_dir`.
 """
 
@@ -25,32 +28,35 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..adapters import Adapter, load_adapter, save_adapter
+from ..adapters.files import CONFIG_NAME, WEIGHTS_NAMES
 from ..config import LoraConfig
 from ..devices import resolve_device
 from ..errors import InputFileError, LoraAnalysisError
 from ..fileio import atomic_write_text
 from ..lora import extract_adapter, inject_lora, is_adaptable, lora_layers
 from .checkpoint import CHECKPOINT_NAME, check_recipe, check_resumable, load_checkpoint, restore, rng_state, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, saved_recipe
 from .data import ShuffledStream, TextDataset, collate, encode, load_dataset, split_dataset
 from .distributed import DistContext, all_reduce_sum, barrier, gather_to_main, init_distributed
+from .evaluation import metrics_of, validation_sums
+from .model_files import fsync_directory, remove_other_weight_files, save_model_dir
 from .models import PEFT_TASK_TYPES, head_module_names, load_model
 from .output_dir import FINISHED, METRICS_NAME, RESUME, claim_output_dir, read_metrics
 
 
 @dataclass
 class TrainResult:
-    """adapter: the trained factors (+ head); metrics: what metrics.json holds; status:
+    """adapter: the trained factors (+ head) of a LoRA run, None for full fine-tuning (whose
+    output_dir is a Hugging Face model directory); metrics: what metrics.json holds; status:
     "trained", "resumed" (continued from a checkpoint) or "finished" (found complete, not rerun);
-    model: the trained model with LoRA layers in it (None for a "finished" run)."""
+    model: the trained model, with LoRA layers in it for LoRA (None for a "finished" run)."""
 
-    adapter: Adapter
+    adapter: Adapter | None
     metrics: dict[str, Any]
     output_dir: Path | None
     status: str
@@ -58,7 +64,8 @@ class TrainResult:
 
 
 def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
-    """Train one LoRA adapter; `overrides` replace fields of `config` (or of the defaults)."""
+    """Train one LoRA adapter, or fine-tune every weight with `method="full"`; `overrides`
+    replace fields of `config` (or of the defaults)."""
     config = replace(config, **overrides) if config is not None else TrainConfig(**overrides)
     return run_training(config)
 
@@ -82,41 +89,50 @@ def load_finished(output_dir: Path, config: TrainConfig) -> TrainResult:
     metrics_path = output_dir / METRICS_NAME
     metrics = read_metrics(metrics_path)
     check_recipe(metrics_path, TrainConfig.from_dict(metrics["config"]).recipe(), config.recipe(), InputFileError)
-    return TrainResult(load_adapter(output_dir), metrics, output_dir, "finished")
+    adapter = load_adapter(output_dir) if config.method == "lora" else None
+    return TrainResult(adapter, metrics, output_dir, "finished")
 
 
 class _Run:
-    """One training run: set-up, the step loop, evaluation, checkpoints and outputs."""
+    """One training run: set-up, the step loop, evaluation, checkpoints and outputs.
+
+    LoRA and full fine-tuning differ only in what is trainable (LoRA factors and the head,
+    or every parameter) and in what is saved (an adapter, or the whole model)."""
 
     def __init__(self, config: TrainConfig, ctx: DistContext, device: torch.device, bar: tqdm | None = None):
         self.config, self.ctx, self.device, self.shared_bar = config, ctx, device, bar
         self.output_dir = Path(config.output_dir) if config.output_dir is not None else None
         self.classify = config.task == "classification"
+        self.full = config.method == "full"
         self.autocast = device.type == "cuda"  # bf16 autocast on CUDA; exact fp32 on the CPU
 
         data = load_dataset(config.data, config.task, config.text_column, config.label_column, config.labels)
         self.train_set, self.val_set = split_dataset(data, config.val_fraction, config.split_seed)
         torch.manual_seed(config.seed)  # a classification head is initialised from the global RNG
-        self.model, tokenizer, model_name = load_model(config.model, config.task, data.label_names)
-        self.lora_config = LoraConfig(
-            r=config.r,
-            lora_alpha=config.alpha,
-            target_modules=config.targets,
-            lora_dropout=config.dropout,
-            modules_to_save=head_module_names(self.model) if self.classify else None,
-            task_type=PEFT_TASK_TYPES[config.task],
-            base_model_name_or_path=model_name,
-        )
-        _inject(self.model, self.lora_config, config.seed)
+        self.model, self.tokenizer, model_name = load_model(config.model, config.task, data.label_names)
+        self.lora_config: LoraConfig | None = None
+        if self.full:
+            self.model.requires_grad_(True)  # every parameter, the embeddings included
+        else:
+            self.lora_config = LoraConfig(
+                r=config.r,
+                lora_alpha=config.alpha,
+                target_modules=config.targets,
+                lora_dropout=config.dropout,
+                modules_to_save=head_module_names(self.model) if self.classify else None,
+                task_type=PEFT_TASK_TYPES[config.task],
+                base_model_name_or_path=model_name,
+            )
+            _inject(self.model, self.lora_config, config.seed)
         self.model.to(device).train()
-        self.pad_id = tokenizer.pad_token_id
-        self.train_ids = encode(self.train_set.texts, tokenizer, config.max_seq_len)
-        self.val_ids = encode(self.val_set.texts, tokenizer, config.max_seq_len)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.train_ids = encode(self.train_set.texts, self.tokenizer, config.max_seq_len)
+        self.val_ids = encode(self.val_set.texts, self.tokenizer, config.max_seq_len)
         lengths = [len(ids) for ids in self.train_ids] if config.group_by_length else None
         self.stream = ShuffledStream(len(self.train_set), config.seed, lengths, config.batch_size * ctx.world_size)
 
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         schedule = warmup_then_linear_decay(config.warmup_steps, config.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.forward_model = self.model
@@ -202,37 +218,18 @@ class _Run:
 
     # -- evaluation -------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _evaluate(self) -> None:
-        """Validation metrics at the current step: accuracy and mean cross-entropy for
-        classification; token-level mean loss and perplexity exp(loss) for causal LM."""
+        """Validation metrics at the current step (`evaluation.metrics_of`), each process
+        evaluating its shard of the validation set."""
         if not len(self.val_set):
             return
         self.model.eval()
-        # This process's shard, sorted by length so batches carry little padding.
-        shard = sorted(range(self.ctx.rank, len(self.val_set), self.ctx.world_size), key=lambda i: len(self.val_ids[i]))
-        loss_sum = correct = count = 0.0
-        size = self.config.eval_batch_size
-        for start in range(0, len(shard), size):
-            indices = shard[start : start + size]
-            batch = self._batch([self.val_ids[i] for i in indices], self._labels(self.val_set, indices))
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            if self.classify:
-                loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-                correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-                count += len(indices)
-            else:
-                targets = batch["labels"][:, 1:]
-                loss_sum += F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum").item()
-                count += (targets != -100).sum().item()
+        shard = range(self.ctx.rank, len(self.val_set), self.ctx.world_size)
+        sums = validation_sums(self.model, self.val_ids, self.val_set.labels, shard, pad_id=self.pad_id,
+                               device=self.device, batch_size=self.config.eval_batch_size, autocast=self.autocast)
         self.model.train()
-        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], self.ctx, self.device)
-        record = {"step": self.step, "val_loss": loss_sum / max(count, 1)}
-        if self.classify:
-            record["val_accuracy"] = correct / max(count, 1)
-        else:
-            record["val_perplexity"] = math.exp(min(record["val_loss"], 700.0))
+        record: dict[str, Any] = {"step": self.step}
+        record.update(metrics_of(all_reduce_sum(sums, self.ctx, self.device), self.classify))
         self.progress["evals"].append(record)
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -259,7 +256,7 @@ class _Run:
         count, every tensor and state exactly as saved."""
         path = self.checkpoint_path
         state = load_checkpoint(path)
-        check_recipe(path, state["recipe"], self.config.recipe())
+        check_recipe(path, saved_recipe(state["recipe"]), self.config.recipe())
         step = check_resumable(path, state, steps=self.config.steps, world_size=self.ctx.world_size, device=self.device)
         restore(path, state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                 rank=self.ctx.rank, device=self.device)
@@ -275,24 +272,33 @@ class _Run:
     # -- outputs ----------------------------------------------------------------------------
 
     def _finish(self) -> TrainResult:
-        adapter = extract_adapter(self.model, self.lora_config)
+        adapter = None if self.lora_config is None else extract_adapter(self.model, self.lora_config)
         metrics = self._metrics(adapter)
         if self.ctx.is_main and self.output_dir is not None:
-            # metrics.json marks a finished run: gone while the adapter is replaced, written last.
+            # metrics.json marks a finished run: gone while the weights are replaced, written last.
             (self.output_dir / METRICS_NAME).unlink(missing_ok=True)
-            save_adapter(adapter, self.output_dir)
+            if adapter is None:
+                save_model_dir(self.model, self.tokenizer, self.output_dir, self.config.max_shard_size)
+            else:
+                save_adapter(adapter, self.output_dir)
+                remove_other_weight_files(self.output_dir, keep={WEIGHTS_NAMES[0], CONFIG_NAME})
+                fsync_directory(self.output_dir)
             atomic_write_text(self.output_dir / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
             self.checkpoint_path.unlink(missing_ok=True)
         barrier(self.ctx)
         return TrainResult(adapter, metrics, self.output_dir, self.status, self.model)
 
-    def _metrics(self, adapter: Adapter) -> dict[str, Any]:
-        lora = adapter.num_parameters()
+    def _metrics(self, adapter: Adapter | None) -> dict[str, Any]:
         trainable = sum(p.numel() for p in self.params)
+        parameters = {"trainable": trainable, "model": sum(p.numel() for p in self.model.parameters())}
+        if adapter is not None:
+            lora = adapter.num_parameters()
+            parameters = {"lora": lora, "head": trainable - lora, **parameters}
         wall = self.progress["wall_time_s"]
         evals = self.progress["evals"]
         return {
             "completed": True,
+            "method": self.config.method,
             "task": self.config.task,
             "steps": self.step,
             "initial": evals[0] if evals and evals[0]["step"] == 0 else None,
@@ -301,17 +307,12 @@ class _Run:
             "train_loss": self.progress["train_loss"],
             "examples": {"train": len(self.train_set), "validation": len(self.val_set)},
             "label_names": self.train_set.label_names,
-            "parameters": {
-                "lora": lora,
-                "head": trainable - lora,
-                "trainable": trainable,
-                "model": sum(p.numel() for p in self.model.parameters()),
-            },
+            "parameters": parameters,
             "wall_time_s": wall,
             "examples_per_s": self.step * self.global_batch / wall if wall > 0 else None,
             "world_size": self.ctx.world_size,
             "device": str(self.device),
-            "config": self.config.to_dict(),
+            "config": {**self.config.to_dict(), "lr": self.config.learning_rate},
             "versions": library_versions(),
         }
 

@@ -57,7 +57,7 @@ def load_model(
             "id2label": dict(enumerate(label_names)),
             "label2id": {label: i for i, label in enumerate(label_names)},
         }
-    with _quiet_transformers(transformers):
+    with quiet_transformers():
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             model = auto.from_pretrained(str(path), local_files_only=True, **kwargs)
@@ -95,9 +95,10 @@ def _import_transformers():
 
 
 @contextlib.contextmanager
-def _quiet_transformers(transformers) -> Iterator[None]:
-    """Silence transformers' load report and progress bars (the classifier is expected to be new)."""
-    logging = transformers.utils.logging
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load and save reports and progress bars (the classifier is
+    expected to be new; our own bars say what is going on)."""
+    logging = _import_transformers().utils.logging
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     logging.disable_progress_bar()

@@ -1,16 +1,18 @@
 """What a training output directory holds, and when a run may write into it.
 
-    adapter_model.safetensors   the adapter, PEFT layout  } replaced atomically at the end
-    adapter_config.json                                   }
+    adapter_model.safetensors   LoRA: the adapter, PEFT layout  } replaced atomically at the end
+    adapter_config.json                                         }
+    config.json, model*.safetensors, tokenizer files   full fine-tuning: a model directory (`model_files`)
     metrics.json                written last, removed first: present = a finished run
     checkpoint.pt               while a run is unfinished (removed when it completes)
     .lora-analysis.lock         while a process trains into it (`fileio.lock_directory`)
 
 `claim_output_dir` decides, so that no run silently replaces another's files:
+- never the model being trained: an output directory that is the `model` directory is refused;
 - one process at a time: the directory is locked for the whole run (by rank 0 under DDP); a
   second run into it is refused naming the holder;
-- without `resume`: a checkpoint (an unfinished run) or a trained adapter is refused unless
-  `overwrite`;
+- without `resume`: a checkpoint (an unfinished run), a trained adapter or model (weights of
+  either method, a model directory's config or tokenizer files) is refused unless `overwrite`;
 - with `resume`: a checkpoint is continued; a finished run with the same recipe is returned as
   it is; adapter files with neither (another tool's adapter, a run killed while saving) are
   refused unless `overwrite`; an empty directory starts at step 0;
@@ -29,6 +31,8 @@ from ..fileio import lock_directory, read_json, remove_stale_temp_files
 from .checkpoint import CHECKPOINT_NAME, is_eval_record, is_finite, is_int
 from .config import TrainConfig
 from .distributed import DistContext, decided_on_main
+from .model_files import MODEL_DIR_FILES, weight_files
+from .models import BUILTIN_MODELS, resolve_model
 
 METRICS_NAME = "metrics.json"
 OUTPUT_NAMES = (WEIGHTS_NAMES[0], CONFIG_NAME, METRICS_NAME)
@@ -56,6 +60,8 @@ def claim_output_dir(config: TrainConfig, directory: Path, ctx: DistContext) -> 
     """Lock `directory` (`config.output_dir`) for the `with` block and yield what to do there:
     FRESH (train from step 0), RESUME (continue its checkpoint) or FINISHED (the run is complete)."""
 
+    _refuse_the_model_itself(config, directory)
+
     def inspect() -> str:
         verdict = _verdict(directory, config)
         remove_stale_temp_files(directory)  # a SIGKILL can interrupt an atomic write
@@ -64,9 +70,27 @@ def claim_output_dir(config: TrainConfig, directory: Path, ctx: DistContext) -> 
     return locked_on_main(directory, "training run", ctx, inspect)
 
 
+def _refuse_the_model_itself(config: TrainConfig, directory: Path) -> None:
+    """Training reads the model from its directory: writing there would replace (full
+    fine-tuning) or shadow (an adapter_config.json makes transformers load it as an adapter) it."""
+    if config.model in BUILTIN_MODELS:
+        return
+    model_dir = resolve_model(config.model)[0]
+    if directory.exists() and directory.resolve() == model_dir.resolve():
+        raise InputFileError(directory, "is the directory of the model being trained (--model); write the output elsewhere")
+
+
+def existing_outputs(directory: Path) -> list[str]:
+    """The files in `directory` a finished run would replace or remove: an adapter's, a model
+    directory's (weights, config, tokenizer) and metrics.json."""
+    found = [name for name in OUTPUT_NAMES if (directory / name).exists()]
+    found += [name for name in weight_files(directory) if name not in found]
+    return found + [name for name in MODEL_DIR_FILES if (directory / name).exists() and name not in found]
+
+
 def _verdict(directory: Path, config: TrainConfig) -> str:
     has_checkpoint = (directory / CHECKPOINT_NAME).exists()
-    outputs = [name for name in OUTPUT_NAMES if (directory / name).exists()]
+    outputs = existing_outputs(directory)
     if config.overwrite:
         return FRESH
     if config.resume:
@@ -82,7 +106,8 @@ def _verdict(directory: Path, config: TrainConfig) -> str:
         raise InputFileError(directory, f"holds an unfinished run ({CHECKPOINT_NAME}); continue it with --resume, "
                                         "or start over with --overwrite")
     if outputs:
-        raise InputFileError(directory, f"holds a trained adapter ({', '.join(outputs)}); pass --overwrite to replace "
+        what = "a trained adapter" if set(outputs) <= set(OUTPUT_NAMES) else "a model"
+        raise InputFileError(directory, f"holds {what} ({', '.join(outputs)}); pass --overwrite to replace "
                                         "it, --resume to keep it if it is this run, or choose another output directory")
     return FRESH
 

@@ -1,10 +1,15 @@
-"""Rank × seed × target-set sweeps into one run directory.
+"""Rank × seed × target-set sweeps into one run directory, with full fine-tuning cells beside them.
 
     result = run_sweep(TrainConfig(steps=200), "runs/sweep", ranks=[1, 2, 4, 8, 64], seeds=[0, 1],
-                       target_sets=[["query", "value"], ["query"]])
+                       target_sets=[["query", "value"], ["query"]], methods=["lora", "full"])
     result.cells["r8-s0-query_value"]   # -> Path of that cell's PEFT adapter directory
+    result.cells["full-s0"]             # -> Path of a fully fine-tuned model directory
 
-Layout: `<run_dir>/<cell>/` per cell (adapter + metrics.json, see `train`) and
+LoRA cells are the grid target sets × ranks × seeds; full fine-tuning cells, one per seed
+(rank and targets mean nothing there), are trained at `full_lr` (default: full fine-tuning's
+own default learning rate), LoRA cells at the base config's lr.
+
+Layout: `<run_dir>/<cell>/` per cell (adapter or model + metrics.json, see `train`) and
 `<run_dir>/manifest.json` (base config, grid, per-cell metrics and wall time, library
 versions), rewritten atomically after every cell. Re-running skips finished cells and resumes
 unfinished ones from their checkpoints; cells of earlier, different grids stay listed.
@@ -32,7 +37,7 @@ from ..config import ALL_LINEAR
 from ..errors import InputFileError, LoraAnalysisError, shown
 from ..fileio import atomic_write_text, read_json
 from .checkpoint import check_recipe, is_int
-from .config import TrainConfig
+from .config import METHODS, TrainConfig
 from .distributed import DistContext, init_distributed
 from .loop import library_versions, run_training
 from .output_dir import locked_on_main, looks_finished
@@ -40,7 +45,8 @@ from .output_dir import locked_on_main, looks_finished
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "lora_analysis.sweep/1"
 # Fields that vary per cell or per invocation, so not part of the sweep's shared recipe.
-CELL_FIELDS = ("r", "seed", "targets")
+CELL_FIELDS = ("r", "seed", "targets", "method", "lr")
+FULL = "full"
 
 
 @dataclass
@@ -53,8 +59,37 @@ class SweepResult:
     cells: dict[str, Path]
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: a LoRA cell (r, seed, targets) or a full fine-tuning cell (seed)."""
+
+    method: str
+    seed: int
+    r: int | None = None
+    targets: list[str] | str | None = None
+
+    @property
+    def name(self) -> str:
+        if self.method == FULL:
+            return f"full-s{self.seed}"
+        assert self.r is not None and self.targets is not None, "a LoRA cell has a rank and targets"
+        return cell_name(self.r, self.seed, self.targets)
+
+    def record(self) -> dict[str, Any]:
+        """What the manifest records of the cell (checked against it on every run)."""
+        if self.method == FULL:
+            return {"method": FULL, "seed": self.seed}
+        return {"method": "lora", "r": self.r, "seed": self.seed, "targets": self.targets}
+
+    def recorded_in(self, entry: dict[str, Any]) -> bool:
+        """`entry` (a manifest's record of this cell's name) records this cell; manifests
+        written before full fine-tuning existed record no method (LoRA)."""
+        return {k: entry.get(k, "lora" if k == "method" else None) for k in self.record()} == self.record()
+
+
 def cell_name(r: int, seed: int, targets: list[str] | str) -> str:
-    """Stable directory name of a cell, e.g. `r8-s0-query_value`."""
+    """Stable directory name of a LoRA cell, e.g. `r8-s0-query_value` (full fine-tuning
+    cells are `full-s<seed>`)."""
     if isinstance(targets, list):
         slug = "_".join(targets)
     elif targets == ALL_LINEAR:
@@ -67,43 +102,56 @@ def cell_name(r: int, seed: int, targets: list[str] | str) -> str:
 def run_sweep(
     base: TrainConfig,
     run_dir: str | Path,
-    ranks: Sequence[int],
-    seeds: Sequence[int],
-    target_sets: Sequence[list[str] | str],
+    ranks: Sequence[int] = (),
+    seeds: Sequence[int] = (0,),
+    target_sets: Sequence[list[str] | str] = (),
+    methods: Sequence[str] = ("lora",),
+    full_lr: float | None = None,
 ) -> SweepResult:
-    """Train every (r, seed, targets) cell with `base`'s other settings; see the module doc."""
-    if not (ranks and seeds and target_sets):
-        raise LoraAnalysisError("a sweep needs at least one rank, one seed and one target set")
+    """Train every cell with `base`'s other settings: for "lora" in `methods` every
+    (targets, r, seed), for "full" one full fine-tuning per seed at `full_lr` (None: the
+    method's default); see the module doc."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods or len(set(methods)) != len(methods):
+        raise LoraAnalysisError(f"methods must be distinct names of {METHODS}, got {list(methods)}")
+    if not seeds or ("lora" in methods and not (ranks and target_sets)):
+        raise LoraAnalysisError("a sweep needs at least one seed, and for LoRA one rank and one target set")
     if base.overwrite:
         raise LoraAnalysisError("a sweep continues its cells and never overwrites them; to start over, use a new run directory")
     run_dir = Path(run_dir)
-    grid = list(itertools.product(target_sets, ranks, seeds))
-    names = [cell_name(r, seed, targets) for targets, r, seed in grid]
+    cells = [Cell(method, seed, r, targets) for method in methods
+             for targets, r, seed in (itertools.product(target_sets, ranks, seeds) if method == "lora" else
+                                      ((None, None, seed) for seed in seeds))]
+    names = [cell.name for cell in cells]
     if len(set(names)) != len(names):
         raise LoraAnalysisError("the sweep grid repeats a cell (duplicate rank, seed or target set)")
+    grid = {"ranks": list(ranks), "seeds": list(seeds), "target_sets": list(target_sets), "methods": list(methods),
+            "full_lr": replace(base, method=FULL, lr=full_lr).learning_rate if FULL in methods else None}
     ctx = init_distributed(base.device)
     with locked_on_main(run_dir, "sweep", ctx, lambda: None):
-        return _sweep(base, run_dir, ctx, list(zip(names, grid)), (ranks, seeds, target_sets))
+        return _sweep(base, run_dir, ctx, cells, grid)
 
 
-def _sweep(base: TrainConfig, run_dir: Path, ctx: DistContext, cells: list, grid: tuple) -> SweepResult:
+def _sweep(base: TrainConfig, run_dir: Path, ctx: DistContext, cells: list[Cell], grid: dict[str, Any]) -> SweepResult:
     manifest_path = run_dir / MANIFEST_NAME
-    manifest = _open_manifest(manifest_path, base, *grid)
-    for name, (targets, r, seed) in cells:
-        entry = manifest["cells"].setdefault(name, {"path": name, "r": r, "seed": seed, "targets": targets, "status": "pending"})
-        if (entry.get("r"), entry.get("seed"), entry.get("targets")) != (r, seed, targets):
-            raise InputFileError(manifest_path, f"malformed sweep manifest: cell {name} does not record r={r}, seed={seed} and its targets")
+    manifest = _open_manifest(manifest_path, base, grid)
+    for cell in cells:
+        entry = manifest["cells"].setdefault(cell.name, {"path": cell.name, **cell.record(), "status": "pending"})
+        if not cell.recorded_in(entry):
+            raise InputFileError(manifest_path, f"malformed sweep manifest: cell {cell.name} does not record "
+                                                f"{', '.join(f'{k}={v}' for k, v in cell.record().items())}")
     if ctx.is_main:
         _write_manifest(manifest_path, manifest)
-    to_train = sum(base.steps for name, _ in cells if not looks_finished(run_dir / name))
+    to_train = sum(base.steps for cell in cells if not looks_finished(run_dir / cell.name))
     with tqdm(total=to_train, desc="sweep", unit="step", file=sys.stderr, dynamic_ncols=True, smoothing=0,
               disable=not (base.progress and ctx.is_main and to_train)) as bar:
-        for i, (name, (targets, r, seed)) in enumerate(cells, start=1):
+        for i, cell in enumerate(cells, start=1):
+            name = cell.name
             bar.set_description(f"sweep {i}/{len(cells)} {name}", refresh=False)
-            cell = replace(base, r=r, seed=seed, targets=targets, output_dir=str(run_dir / name), resume=True)
-            metrics = run_training(cell, bar).metrics
+            metrics = run_training(_cell_config(base, cell, grid["full_lr"], run_dir / name), bar).metrics
             manifest["cells"][name].update(
                 status="finished",
+                lr=metrics["config"]["lr"],
                 final=metrics["final"],
                 initial=metrics["initial"],
                 parameters=metrics["parameters"],
@@ -111,14 +159,26 @@ def _sweep(base: TrainConfig, run_dir: Path, ctx: DistContext, cells: list, grid
             )
             if ctx.is_main:
                 _write_manifest(manifest_path, manifest)
-    return SweepResult(run_dir, manifest_path, manifest, {name: run_dir / name for name, _ in cells})
+    return SweepResult(run_dir, manifest_path, manifest, {cell.name: run_dir / cell.name for cell in cells})
+
+
+def _cell_config(base: TrainConfig, cell: Cell, full_lr: float | None, output_dir: Path) -> TrainConfig:
+    """The training config of one cell: `base` with the cell's settings, resuming."""
+    if cell.method == FULL:
+        return replace(base, method=FULL, lr=full_lr, seed=cell.seed, output_dir=str(output_dir), resume=True)
+    assert cell.r is not None and cell.targets is not None, "a LoRA cell has a rank and targets"
+    return replace(base, method="lora", r=cell.r, seed=cell.seed, targets=cell.targets, output_dir=str(output_dir),
+                   resume=True)
 
 
 def _shared_recipe(config: TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in config.recipe().items() if k not in CELL_FIELDS}
+    """The recipe every cell shares: LoRA's settings as a LoRA run records them (r, targets
+    and lr vary per cell and are left out; a full fine-tuning cell's lr is the grid's full_lr)."""
+    recipe = replace(config, method="lora").recipe()
+    return {k: v for k, v in recipe.items() if k not in CELL_FIELDS} | {"lora_lr": recipe["lr"]}
 
 
-def _open_manifest(path: Path, base: TrainConfig, ranks, seeds, target_sets) -> dict[str, Any]:
+def _open_manifest(path: Path, base: TrainConfig, grid: dict[str, Any]) -> dict[str, Any]:
     """The existing manifest (its recipe must match `base`) or a new one; grid and versions updated."""
     if path.is_file():
         manifest = read_json(path, "sweep manifest")
@@ -132,12 +192,21 @@ def _open_manifest(path: Path, base: TrainConfig, ranks, seeds, target_sets) -> 
         except (LoraAnalysisError, TypeError, ValueError) as err:
             raise InputFileError(path, f"malformed sweep manifest: 'config' is not a training config ({err})") from None
         check_recipe(path, saved, _shared_recipe(base), InputFileError)
+        _check_full_lr(path, manifest, grid)
     else:
         manifest = {"format": MANIFEST_FORMAT, "cells": {}}
-    manifest["config"] = {k: v for k, v in base.to_dict().items() if k not in CELL_FIELDS + ("output_dir", "resume")}
-    manifest["grid"] = {"ranks": list(ranks), "seeds": list(seeds), "target_sets": list(target_sets)}
+    manifest["config"] = {k: v for k, v in base.to_dict().items() if k not in ("r", "seed", "targets", "method", "output_dir", "resume")}
+    manifest["config"]["lr"] = replace(base, method="lora").learning_rate  # LoRA cells' lr; full cells': grid's full_lr
+    manifest["grid"] = grid
     manifest["versions"] = library_versions()
     return manifest
+
+
+def _check_full_lr(path: Path, manifest: dict[str, Any], grid: dict[str, Any]) -> None:
+    """Full fine-tuning cells of this run directory were trained at one lr: a different one is refused."""
+    saved = [cell.get("lr") for cell in manifest["cells"].values() if cell.get("method") == FULL and "lr" in cell]
+    if grid["full_lr"] is not None and saved and saved[0] != grid["full_lr"]:
+        raise InputFileError(path, f"cannot resume, the run was started with different settings (full_lr: {saved[0]} -> {grid['full_lr']})")
 
 
 def _manifest_problem(manifest: dict[str, Any]) -> str | None:
@@ -147,9 +216,13 @@ def _manifest_problem(manifest: dict[str, Any]) -> str | None:
     if not isinstance(cells, dict):
         return "'cells' is not an object"
     for name, cell in cells.items():
-        if not (isinstance(cell, dict) and isinstance(cell.get("path"), str) and is_int(cell.get("r"))
-                and is_int(cell.get("seed")) and cell.get("status") in ("pending", "finished")):
-            return f"cell {shown(name, 60)!r} is not a record of path, r, seed and status"
+        if not (isinstance(cell, dict) and isinstance(cell.get("path"), str) and is_int(cell.get("seed"))
+                and cell.get("status") in ("pending", "finished")):
+            return f"cell {shown(name, 60)!r} is not a record of path, seed and status"
+        if cell.get("method", "lora") == "lora" and not is_int(cell.get("r")):
+            return f"LoRA cell {shown(name, 60)!r} does not record its rank r"
+        if cell.get("method", "lora") not in METHODS:
+            return f"cell {shown(name, 60)!r} records an unknown method {shown(cell.get('method'), 30)}"
     return None
 
 
