@@ -8,15 +8,14 @@ command runs and needs them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fnmatch
 import os
 import sys
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from ..config import BASIS_KINDS
-from ..errors import LoraAnalysisError
-from .main import add_common_options
+from ..errors import LoraAnalysisError, shown
+from .main import add_common_options, add_force_option
 
 if TYPE_CHECKING:
     from ..adapters import Adapter
@@ -60,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     analyze.add_argument("adapter", metavar="ADAPTER", help="adapter .safetensors/.bin file or directory (ours, PEFT, kohya, loralib)")
     analyze.add_argument("--base", metavar="MODEL", help="pretrained weights: Hugging Face model directory or .safetensors file")
     analyze.add_argument("--format", choices=REPORT_FORMATS, default="text", help="report format (default: text)")
-    analyze.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE (atomically) instead of stdout")
+    analyze.add_argument("-o", "--output", metavar="FILE",
+                         help="write the report to FILE (atomically) instead of stdout; FILE's folder must exist")
     _add_module_filter(analyze)
     analyze.add_argument("--top", type=_positive_int, metavar="N",
                          help="list only the N modules with the largest ‖ΔW‖_F (summaries still cover all)")
@@ -82,6 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     analyze.add_argument("--intruder-epsilon", type=_fraction, default=0.5, metavar="EPS",
                          help="intruder if max |cos| with W's singular vectors is below EPS (default: 0.5)")
     analyze.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda:0, ...")
+    add_force_option(analyze)
     add_common_options(analyze)
     analyze.set_defaults(func=run_analyze)
 
@@ -97,12 +98,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="A: right-singular vectors of A (paper default); B: left of B; "
                               "dW-left / dW-right: of ΔW (default: A)")
     compare.add_argument("--format", choices=COMPARE_FORMATS, default="text", help="report format (default: text)")
-    compare.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE (atomically) instead of stdout")
-    compare.add_argument("--plot", metavar="FILE", help="φ heatmaps (paper Figures 3/4) to FILE; format by extension: .png, .pdf, .svg")
+    compare.add_argument("-o", "--output", metavar="FILE",
+                         help="write the report to FILE (atomically) instead of stdout; FILE's folder must exist")
+    compare.add_argument("--plot", metavar="FILE",
+                         help="φ heatmaps (paper Figures 3/4) to FILE; format by extension: .png, .pdf, .svg")
     compare.add_argument("--top-k", type=_positive_int, metavar="K",
                          help="k of the mean over the top-k diagonal φ(i, i) (default: the smaller numerical rank)")
     _add_module_filter(compare)
     compare.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda:0, ...")
+    add_force_option(compare)
     add_common_options(compare)
     compare.set_defaults(func=run_compare)
 
@@ -112,6 +116,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     from ..analysis import AnalysisOptions, analyze_adapter
     from ..report import analyze_report, render_report
 
+    _check_outputs(args, {"-o": args.output}, [args.adapter, args.base])
     adapter = load_adapter(args.adapter, alpha=args.alpha)
     selected = _select(adapter, args.modules, args.adapter)
     base, base_names = None, None
@@ -144,6 +149,7 @@ def run_compare(args: argparse.Namespace) -> int:
         from ..plots import figure_format
 
         figure_format(args.plot)  # a bad extension fails before the work
+    _check_outputs(args, {"-o": args.output, "--plot": args.plot}, [args.adapter_a, args.adapter_b])
     adapter_a = _select(load_adapter(args.adapter_a), args.modules, args.adapter_a)
     adapter_b = _select(load_adapter(args.adapter_b), args.modules, args.adapter_b)
     spectra_a, spectra_b = (adapter_spectra(x, progress=not args.quiet, device=args.device) for x in (adapter_a, adapter_b))
@@ -153,12 +159,10 @@ def run_compare(args: argparse.Namespace) -> int:
         raise LoraAnalysisError(f"{args.adapter_a} and {args.adapter_b}: no module in common "
                                 f"(A has e.g. {_examples(report['only_in_a'])}; B has e.g. {_examples(report['only_in_b'])})")
     if args.plot:
-        from ..plots import save_figure
+        from ..plots import figure_bytes, figure_format
         from ..report.figures import compare_figure
 
-        with _writing(args.plot):
-            save_figure(compare_figure(report), args.plot)
-        _progress(args, f"wrote {args.plot}")
+        _write(args.plot, figure_bytes(compare_figure(report), figure_format(args.plot)), args)
     _emit(render_report(report, args.format), args)
     return 0
 
@@ -177,11 +181,7 @@ def _select(adapter: Adapter, patterns: list[str] | None, path: str) -> Adapter:
 def _emit(text: str, args: argparse.Namespace) -> None:
     """The report to -o FILE (atomic write) or stdout; stdout carries nothing else."""
     if args.output:
-        from ..fileio import atomic_write_text
-
-        with _writing(args.output):
-            atomic_write_text(args.output, text)
-        _progress(args, f"wrote {args.output}")
+        _write(args.output, text, args)
         return
     try:  # UTF-8 whatever the locale: reports contain σ, α, ‖ΔW‖
         sys.stdout.flush()
@@ -191,13 +191,22 @@ def _emit(text: str, args: argparse.Namespace) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-@contextlib.contextmanager
-def _writing(path: str) -> Iterator[None]:
-    """An unwritable output path is bad input (exit 2), not a crash."""
+def _check_outputs(args: argparse.Namespace, outputs: dict[str, str | None], inputs: list[str | None]) -> None:
+    """The output rules (`lora_analysis.outputs`), checked before any work."""
+    from ..outputs import check_outputs
+
+    check_outputs(outputs, inputs, force=args.force)
+
+
+def _write(path: str, data: str | bytes, args: argparse.Namespace) -> None:
+    """One output file, atomically, by the output rules; an unwritable path is bad input (exit 2)."""
+    from ..outputs import OutputError, write_output
+
     try:
-        yield
+        write_output(path, data, force=args.force)
     except OSError as err:
-        raise LoraAnalysisError(f"{path}: cannot write ({err.strerror or err})") from None
+        raise OutputError(path, f"cannot write ({err.strerror or err})") from None
+    _progress(args, f"wrote {shown(path)}")
 
 
 def _progress(args: argparse.Namespace, message: str) -> None:

@@ -43,6 +43,12 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
 
 
+def add_force_option(parser: argparse.ArgumentParser) -> None:
+    """--force for subcommands that write files the user names (rules: `lora_analysis.outputs`)."""
+    parser.add_argument("--force", action="store_true",
+                        help="replace output files that exist (an input is never written over)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
