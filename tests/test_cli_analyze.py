@@ -139,6 +139,7 @@ def test_analyze_json_matches_float64_oracle(ours):
 
 def test_analyze_writes_output_atomically_and_quiet_keeps_stdout_empty(ours, tmp_path):
     out = tmp_path / "reports" / "ours.md"
+    out.parent.mkdir()  # outputs never create folders (tests/test_outputs.py)
     assert main(["analyze", str(ours), "--format", "markdown", "-o", str(out), "--quiet"]) == 0
     text = out.read_text(encoding="utf-8")
     assert text.startswith("# LoRA adapter analysis") and "| bert.encoder.layer.1.attention.self.value |" in text
