@@ -31,6 +31,7 @@ from safetensors.torch import save as safetensors_bytes
 from ..config import LoraConfig
 from ..errors import AdapterFormatError
 from ..fileio import atomic_write_bytes, atomic_write_text, parse_json
+from ..patterns import PatternError
 from .adapter import Adapter, LoraModule
 from .layouts import Factors, peft_state_dict, split_state_dict
 from .peft_config import config_from_peft_dict, default_and_pattern, peft_config_dict
@@ -149,6 +150,13 @@ def _peft_config(path: Path, weights: Path, metadata: dict[str, str]) -> tuple[L
 
 
 def _modules(split: Factors, config: LoraConfig | None, alpha: float | None, path: Path) -> dict[str, LoraModule]:
+    try:
+        return _modules_by_config(split, config, alpha, path)
+    except PatternError as err:  # a pattern that cannot be matched against one of the names
+        raise AdapterFormatError(path, f"config pattern {err}") from None
+
+
+def _modules_by_config(split: Factors, config: LoraConfig | None, alpha: float | None, path: Path) -> dict[str, LoraModule]:
     modules = {}
     for name, (A, B) in split.factors.items():
         r = A.shape[0]

@@ -17,7 +17,8 @@ from pathlib import PurePath
 from typing import Any, TypeVar
 
 from ..config import LoraConfig, pattern_value
-from ..errors import AdapterFormatError, LoraAnalysisError
+from ..errors import AdapterFormatError, LoraAnalysisError, shown
+from ..patterns import PatternError, check_pattern_keys
 from .adapter import Adapter
 
 V = TypeVar("V")
@@ -122,6 +123,12 @@ def config_from_peft_dict(data: Any, path: str | os.PathLike) -> LoraConfig:
     check("target_modules", targets is None or isinstance(targets, str) or is_names(targets), "a list or a regex")
     check("modules_to_save", data.get("modules_to_save") is None or is_names(data.get("modules_to_save")),
           "a list of names")
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in data.get(field) or {}:
+            try:
+                check_pattern_keys([key])
+            except PatternError as err:
+                raise AdapterFormatError(path, f"{field} key {shown(key, 60)}: {err.reason}") from None
     fields = dict(data)
     for key in ("rank_pattern", "alpha_pattern"):
         if fields.get(key) is None:
