@@ -126,7 +126,7 @@ def _identity(path: PathLike) -> tuple[int, int]:
 def _entries(directory: PathLike) -> Iterable[tuple[int, int]]:
     """Identities of the files directly in `directory` (links followed; unreadable ones skipped)."""
     try:
-        entries = list(os.scandir(directory))
+        entries = list(os.scandir(os.fspath(directory)))
     except OSError:
         return []
     found = []

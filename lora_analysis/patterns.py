@@ -161,7 +161,7 @@ class _Translator:
     def __init__(self) -> None:
         self.uses_word_boundary = False
 
-    def nodes(self, nodes: Iterable[tuple[Any, Any]], flags: int) -> str:
+    def nodes(self, nodes: Any, flags: int) -> str:  # a parse tree: a SubPattern or a list of (opcode, argument)
         for flag, what in _UNSUPPORTED_FLAGS.items():
             if flags & flag:
                 raise PatternError("", f"uses {what}")
@@ -236,7 +236,7 @@ def _category_ranges(category: Any, ascii_only: bool) -> str:
               "CATEGORY_NOT_WORD": r"\W", "CATEGORY_SPACE": r"\s", "CATEGORY_NOT_SPACE": r"\S"}[str(category)]
     regex = re.compile(escape, re.ASCII if ascii_only else 0)
     members = [m.start() for m in regex.finditer(_all_characters()) if not 0xD800 <= m.start() <= 0xDFFF]
-    ranges = []
+    ranges: list[list[int]] = []
     for code in members:
         if ranges and ranges[-1][1] == code - 1:
             ranges[-1][1] = code

@@ -61,7 +61,7 @@ def test_huge_f64_factors_give_strict_schema_valid_json(tmp_path, capsys, magnit
 def test_json_ready_replaces_every_non_finite_number_and_names_it():
     report = {"modules": {"a/b~c": {"x": float("nan"), "s": [1.0, float("inf")], "ok": 2.0}},
               "rows": [[float("-inf"), None]]}
-    ready = json_ready(report)  # type: ignore[type-var]
+    ready = json_ready(report)
     assert ready["modules"]["a/b~c"] == {"x": None, "s": [1.0, None], "ok": 2.0}
     assert set(ready["null_reasons"]) == {"/modules/a~1b~0c/x", "/modules/a~1b~0c/s/1", "/rows/0/0"}
     assert ready["null_reasons"]["/rows/0/0"].startswith("-Infinity")

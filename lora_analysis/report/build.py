@@ -10,7 +10,7 @@ RFC 8259 whatever the computation produced.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from ..analysis import AdapterAnalysis, AdapterComparison, ModuleAnalysis
 
 SCHEMA_VERSION = "2.0"
-R = TypeVar("R", AnalyzeReport, CompareReport)
 NON_FINITE_REASONS = {
     "nan": "NaN: undefined in float64 (a 0/0 or ∞ − ∞ in its computation)",
     "inf": "+Infinity: beyond the float64 range (> 1.8e308)",
@@ -225,14 +224,14 @@ def _number(x: float | np.floating | None) -> float | None:
 
 
 
-def json_ready(report: R) -> R:
+def json_ready(report: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `report` for JSON: every float that is not finite becomes None, and
     `null_reasons` maps its JSON Pointer (RFC 6901, e.g. "/modules/q/stable_rank") to why."""
     reasons: dict[str, str] = {}
-    clean = _finite_or_null(report, "", reasons)
+    clean: dict[str, Any] = _finite_or_null(dict(report), "", reasons)
     if reasons:
         clean["null_reasons"] = reasons
-    return clean  # type: ignore[no-any-return]
+    return clean
 
 
 def _finite_or_null(value: Any, pointer: str, reasons: dict[str, str]) -> Any:
