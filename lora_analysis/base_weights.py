@@ -7,13 +7,15 @@ pretrained one, such as `lora.LoraLinear`, give their frozen base weight: see `W
 `naming.resolve_module_name` (`base_model.model.`, `bert.`, `model.` prefixes, ...).
 
 W is returned as (d_out, d_in), the `nn.Linear` orientation: GPT-2's Conv1D stores (d_in, d_out)
-and is transposed. For a file, the orientation of a non-square weight follows from its shape and
-the adapter module's (d_out, d_in); a square one follows the module's `fan_in_fan_out`.
+and is transposed. For a file, the orientation follows the adapter module's `fan_in_fan_out`
+(PEFT records it for Conv1D layers), for an in-memory model the layer's type; a stored shape
+that disagrees is refused, never re-oriented to fit.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -23,7 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .adapters import LoraModule
-from .errors import InputFileError, LoraAnalysisError
+from .errors import InputFileError, LoraAnalysisError, shown, unpickling_refusal
 from .fileio import read_json
 from .naming import resolve_module_name
 
@@ -128,6 +130,9 @@ class BaseWeights:
         return W.to(device=self.device, dtype=self.dtype).contiguous()
 
     def _is_transposed(self, key: str, shape: torch.Size, module: LoraModule | None) -> bool:
+        """Whether W is stored as (d_in, d_out). Never guessed from the shape: an in-memory layer's
+        type says it (Conv1D), for a file the adapter module's own record (`fan_in_fan_out`,
+        which PEFT sets for Conv1D layers); the stored shape must then agree with it."""
         if key in self._modules:
             transposed = is_conv1d(self._modules[key])
         elif module is None:
@@ -136,18 +141,16 @@ class BaseWeights:
             transposed = module.fan_in_fan_out
         if module is None:
             return transposed
-        expected, reverse = (module.d_out, module.d_in), (module.d_in, module.d_out)
-        if expected != reverse:  # non-square: the shape decides
-            if tuple(shape) == expected:
-                return False
-            if tuple(shape) == reverse:
-                return True
-        elif tuple(shape) == expected:
+        linear = (module.d_out, module.d_in)
+        expected = linear[::-1] if transposed else linear
+        if tuple(shape) == expected:
             return transposed
-        raise LoraAnalysisError(
-            f"{self.source}: weight {key!r} has shape {tuple(shape)}, but the adapter module is "
-            f"(d_out, d_in) = {expected}"
-        )
+        layout = "(d_in, d_out), a Conv1D's layout" if transposed else "(d_out, d_in), nn.Linear's layout"
+        record = "its type" if key in self._modules else f"the adapter (fan_in_fan_out={str(transposed).lower()})"
+        problem = f"weight {shown(key)} is stored as {tuple(shape)}, but {record} says {layout}: {expected}"
+        if tuple(shape) == expected[::-1]:
+            problem += "; its orientation is never guessed from the shape (a Conv1D base needs fan_in_fan_out: true)"
+        raise InputFileError(self.source, problem)
 
     def _read(self, key: str) -> torch.Tensor:
         if key in self._modules:
@@ -189,16 +192,19 @@ class BaseWeights:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
         except Exception as e:  # noqa: BLE001 — safetensors raises several types for bad files
-            raise LoraAnalysisError(f"{path}: cannot read safetensors header ({e})") from None
+            raise InputFileError(path, f"cannot read safetensors header ({shown(e)})") from None
 
     def _bin(self, path: Path) -> dict[str, Any]:
         if path not in self._bin_cache:
             try:  # mmap: tensors are paged in when read, not all at load time
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # noqa: BLE001 — any unpickling failure is a bad file
-                raise LoraAnalysisError(f"{path}: cannot load as a weights-only PyTorch checkpoint ({type(e).__name__}: {e})") from None
+            except pickle.UnpicklingError as e:  # code or classes beyond tensors: never run
+                raise InputFileError(path, f"refused pickle: torch.load(weights_only=True) rejects it ({unpickling_refusal(e)})") from None
+            except Exception as e:  # noqa: BLE001 — any other loading failure is a bad file
+                problem = f"cannot load as a weights-only PyTorch checkpoint ({type(e).__name__}: {shown(str(e).split('. ')[0])})"
+                raise InputFileError(path, problem) from None
             if not isinstance(state, dict):
-                raise LoraAnalysisError(f"{path}: not a state dict (got {type(state).__name__})")
+                raise InputFileError(path, f"not a state dict (got {type(state).__name__})")
             self._bin_cache[path] = state
         return self._bin_cache[path]
 

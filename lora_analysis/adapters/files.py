@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from ..config import LoraConfig
-from ..errors import AdapterFormatError
+from ..errors import AdapterFormatError, shown, unpickling_refusal
 from ..fileio import atomic_write_bytes, atomic_write_text, parse_json
 from ..patterns import PatternError
 from .adapter import Adapter, LoraModule
@@ -237,23 +237,15 @@ def _read_torch_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        problem = f"refused pickle: torch.load(weights_only=True) rejects it ({_unpickler_reason(err)})"
+        problem = f"refused pickle: torch.load(weights_only=True) rejects it ({unpickling_refusal(err)})"
         raise AdapterFormatError(path, problem) from None
     except Exception as err:  # torch raises RuntimeError/EOFError/... for broken archives
-        problem = f"truncated or corrupt torch file ({type(err).__name__}: {str(err).split('. ')[0]})"
+        problem = f"truncated or corrupt torch file ({type(err).__name__}: {shown(str(err).split('. ')[0])})"
         raise AdapterFormatError(path, problem) from None
     flat = isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
     if not flat:
         raise AdapterFormatError(path, f"expected a flat dict of named tensors, got {type(state).__name__}")
     return state
-
-
-def _unpickler_reason(err: Exception) -> str:
-    """The one useful line of torch's long weights_only error ("Unsupported global: GLOBAL io.open ...")."""
-    for line in str(err).splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].split(" was not")[0].strip()
-    return type(err).__name__
 
 
 def _header_list(metadata: dict[str, str], key: str, path: Path) -> list[str]:
