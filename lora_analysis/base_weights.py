@@ -124,7 +124,7 @@ class BaseWeights:
         key = self.resolve(name)
         stored = self._read(key)
         if not torch.is_floating_point(stored) or not torch.isfinite(stored).all():
-            raise LoraAnalysisError(f"{self.source}: weight {key!r} is not finite floating point")
+            raise LoraAnalysisError(f"{self.source}: weight {shown(key)} is not finite floating point")
         transpose = self._is_transposed(key, stored.shape, module)
         W = stored.T if transpose else stored
         return W.to(device=self.device, dtype=self.dtype).contiguous()
@@ -169,7 +169,7 @@ class BaseWeights:
             inside = None
             if isinstance(module, WrappedLayer):
                 if module.merged:
-                    raise LoraAnalysisError(f"{self.source}: LoRA layer {name!r} is merged, so its weight is W + ΔW; unmerge it first")
+                    raise LoraAnalysisError(f"{self.source}: LoRA layer {shown(name)} is merged, so its weight is W + ΔW; unmerge it first")
                 inside = f"{name}." if name else ""
                 module = module.get_base_layer()
             weight = getattr(module, "weight", None)

@@ -25,7 +25,7 @@ import difflib
 import re
 from typing import Iterable
 
-from .errors import ModuleResolutionError
+from .errors import ModuleResolutionError, shown
 
 KNOWN_PREFIXES = ("base_model.model.", "bert.", "roberta.", "model.", "transformer.")
 
@@ -55,9 +55,9 @@ def resolve_module_name(name: str, candidates: Iterable[str], what: str = "model
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
-        raise ModuleResolutionError(f"module {name!r} is ambiguous in the {what}: matches {matches[:5]}")
+        raise ModuleResolutionError(f"module {shown(name)} is ambiguous in the {what}: matches {shown(', '.join(matches[:5]))}")
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.0) if candidates else []
-    raise ModuleResolutionError(f"module {name!r} not found in the {what}; closest: {close}")
+    raise ModuleResolutionError(f"module {shown(name)} not found in the {what}; closest: {shown(', '.join(close))}")
 
 
 _SEP = r"(?:^|[._])"

@@ -114,7 +114,7 @@ def test_unknown_key_layout(tmp_path):
     mixed = {**good_tensors(), "te.lora_down.weight": torch.ones(2, 6), "te.lora_up.weight": torch.ones(5, 2)}
     assert_refused(write(tmp_path / "mixed.safetensors", mixed), "mixes key layouts")
     kohya_extra = {"te.lora_down.weight": torch.ones(2, 6), "te.lora_up.weight": torch.ones(5, 2), "te.hada_w1": torch.ones(2)}
-    assert_refused(write(tmp_path / "kohya_extra.safetensors", kohya_extra), "unexpected key 'te.hada_w1'")
+    assert_refused(write(tmp_path / "kohya_extra.safetensors", kohya_extra), "unexpected key te.hada_w1")
 
 
 def test_empty_adapter(tmp_path):

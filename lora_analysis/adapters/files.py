@@ -161,7 +161,7 @@ def _modules_by_config(split: Factors, config: LoraConfig | None, alpha: float |
     for name, (A, B) in split.factors.items():
         r = A.shape[0]
         if config is not None and config.rank_for(name) != r:
-            problem = f"config gives module {name!r} rank {config.rank_for(name)}, its factors have rank {r}"
+            problem = f"config gives module {shown(name)} rank {config.rank_for(name)}, its factors have rank {r}"
             raise AdapterFormatError(path, problem)
         module_alpha: float | None
         if split.layout == "kohya":
@@ -251,7 +251,7 @@ def _read_torch_file(path: Path) -> dict[str, torch.Tensor]:
 def _header_list(metadata: dict[str, str], key: str, path: Path) -> list[str]:
     if key not in metadata:
         return []
-    value = parse_json(metadata[key], path, f"header {key!r}", AdapterFormatError)
+    value = parse_json(metadata[key], path, f"header {shown(key)}", AdapterFormatError)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise AdapterFormatError(path, f"corrupt header: {key!r} must be a list of module names")
+        raise AdapterFormatError(path, f"corrupt header: {shown(key)} must be a list of module names")
     return value

@@ -8,12 +8,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import AdapterFormatError
+from ..errors import AdapterFormatError, shown
 
 PEFT_PREFIX = "base_model.model."
 
@@ -73,7 +74,7 @@ def split_state_dict(tensors: dict[str, torch.Tensor], path: str | os.PathLike) 
     for name, pair in halves.items():
         if len(pair) == 1:
             have, lack = ("A", "B") if "A" in pair else ("B", "A")
-            raise AdapterFormatError(path, f"module {name!r} has lora_{have} but no lora_{lack}")
+            raise AdapterFormatError(path, f"module {shown(name)} has lora_{have} but no lora_{lack}")
         A, B = (_matricize(pair[p]) for p in "AB") if layout == "kohya" else (pair["A"], pair["B"])
         _check_factors(name, A, B, path)
         factors[name] = (A, B)
@@ -92,7 +93,7 @@ def _detect_layout(tensors: dict[str, torch.Tensor], path: str | os.PathLike) ->
         example = next(iter(tensors))
         raise AdapterFormatError(
             path,
-            f"unknown key layout (e.g. {example!r}): expected PEFT '<module>.lora_A.weight', "
+            f"unknown key layout (e.g. {shown(example)}): expected PEFT '<module>.lora_A.weight', "
             "kohya '<name>.lora_down.weight' or loralib '<module>.lora_A' keys",
         )
     if len(found) > 1:
@@ -110,15 +111,18 @@ def _split_rest(
         for key, tensor in rest.items():
             name = key.removesuffix(".alpha")
             if name == key or name not in factors:
-                raise AdapterFormatError(path, f"unexpected key {key!r} in a kohya LoRA file")
-            if tensor.numel() != 1 or not torch.isfinite(tensor.float()).all():
-                raise AdapterFormatError(path, f"{key!r} must be one finite number, got shape {tuple(tensor.shape)}")
-            alphas[name] = float(tensor.item())
+                raise AdapterFormatError(path, f"unexpected key {shown(key)} in a kohya LoRA file")
+            if tensor.numel() != 1:
+                raise AdapterFormatError(path, f"{shown(key)} must hold one number (alpha), got shape {tuple(tensor.shape)}")
+            value = float(tensor.double().item())  # its own precision: a float64 1e300 is a finite α
+            if not math.isfinite(value):
+                raise AdapterFormatError(path, f"{shown(key)} (alpha) is {value}, not a finite number")
+            alphas[name] = value
         return alphas, {}
     if layout == "peft":
         for key in rest:
             if any(part.startswith("lora_") for part in key.split(".")):
-                raise AdapterFormatError(path, f"unsupported LoRA tensor {key!r} (DoRA or embedding LoRA?)")
+                raise AdapterFormatError(path, f"unsupported LoRA tensor {shown(key)} (DoRA or embedding LoRA?)")
     return alphas, rest
 
 
@@ -130,7 +134,7 @@ def _matricize(factor: torch.Tensor) -> torch.Tensor:
 
 def _check_factors(name: str, A: torch.Tensor, B: torch.Tensor, path: str | os.PathLike) -> None:
     for part, factor in (("lora_A", A), ("lora_B", B)):
-        what = f"{part} of module {name!r}"
+        what = f"{part} of module {shown(name)}"
         if factor.ndim != 2:
             raise AdapterFormatError(path, f"{what} is {factor.ndim}-D {tuple(factor.shape)}, expected 2-D")
         if factor.numel() == 0:
@@ -141,7 +145,7 @@ def _check_factors(name: str, A: torch.Tensor, B: torch.Tensor, path: str | os.P
     if A.shape[0] != B.shape[1]:
         raise AdapterFormatError(
             path,
-            f"rank mismatch in module {name!r}: lora_A {tuple(A.shape)} has rank {A.shape[0]}, "
+            f"rank mismatch in module {shown(name)}: lora_A {tuple(A.shape)} has rank {A.shape[0]}, "
             f"lora_B {tuple(B.shape)} has rank {B.shape[1]}",
         )
 

@@ -93,13 +93,13 @@ def config_from_peft_dict(data: Any, path: str | os.PathLike) -> LoraConfig:
     if not isinstance(data, dict):
         raise AdapterFormatError(path, f"adapter config is a {type(data).__name__}, expected a JSON object")
     if data.get("peft_type", "LORA") != "LORA":
-        raise AdapterFormatError(path, f"peft_type is {data['peft_type']!r}; only LORA adapters are supported")
+        raise AdapterFormatError(path, f"peft_type is {shown(repr(data['peft_type']), 60)}; only LORA adapters are supported")
     if data.get("use_dora"):
         raise AdapterFormatError(path, "DoRA adapters (use_dora) are not supported: their ΔW is not s·B·A")
 
     def check(field: str, ok: bool, expected: str) -> None:
         if field in data and not ok:
-            raise AdapterFormatError(path, f"adapter config field {field!r} is {data[field]!r}, expected {expected}")
+            raise AdapterFormatError(path, f"adapter config field {field!r} is {shown(repr(data[field]), 60)}, expected {expected}")
 
     def is_number(x: Any) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -122,7 +122,7 @@ def analyze_adapter(
             "known only up to the factor s; ranks and φ are unaffected"
         )
     skipped = []
-    spectra = iter_spectra(adapter.items(), options.device)
+    spectra = iter_spectra(adapter.items(), options.device, source=adapter.source)
     for name, spectrum in with_progress(spectra, len(adapter), "analyze", progress):
         result = ModuleAnalysis(name, spectrum, spectrum.metrics(taus))
         if base is not None:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..adapters import Adapter, LoraModule
 from ..config import BASIS_KINDS, BasisKind
 from ..devices import resolve_device
-from ..errors import LoraAnalysisError
+from ..errors import LoraAnalysisError, shown
 
 DEFAULT_TAUS: tuple[float, ...] = (0.9, 0.99)
 T = TypeVar("T")
@@ -218,8 +218,10 @@ def iter_spectra(
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float32,
     batch_size: int = 16,
+    source: str | None = None,
 ) -> Iterator[tuple[str, ModuleSpectrum]]:
-    """(name, spectrum) for a stream of modules, in order.
+    """(name, spectrum) for a stream of modules, in order; `source` (the adapter's file) is named
+    in errors.
 
     Consecutive modules of equal shape are stacked into batches of up to `batch_size` for one
     batched QR/SVD; memory stays at one batch, so a lazy reader can stream a large adapter.
@@ -228,10 +230,10 @@ def iter_spectra(
     batch: list[tuple[str, LoraModule]] = []
     for name, module in modules:
         if batch and (_shape_key(module) != _shape_key(batch[0][1]) or len(batch) >= batch_size):
-            yield from _flush(batch, device, dtype)
+            yield from _flush(batch, device, dtype, source)
             batch = []
         batch.append((name, module))
-    yield from _flush(batch, device, dtype)
+    yield from _flush(batch, device, dtype, source)
 
 
 def adapter_spectra(
@@ -242,7 +244,8 @@ def adapter_spectra(
 ) -> dict[str, ModuleSpectrum]:
     """Spectrum of every module, in adapter order (see `iter_spectra`)."""
     items = adapter.items()
-    return dict(with_progress(iter_spectra(items, device, dtype), len(items), "spectra", progress))
+    source = adapter.source if isinstance(adapter, Adapter) else None
+    return dict(with_progress(iter_spectra(items, device, dtype, source=source), len(items), "spectra", progress))
 
 
 def with_progress(results: Iterable[T], total: int, desc: str, enabled: bool = True) -> Iterator[T]:
@@ -259,7 +262,7 @@ def _shape_key(m: LoraModule) -> tuple:
     return (tuple(m.A.shape), tuple(m.B.shape))
 
 
-def _flush(batch: list[tuple[str, LoraModule]], device: torch.device, dtype: torch.dtype):
+def _flush(batch: list[tuple[str, LoraModule]], device: torch.device, dtype: torch.dtype, source: str | None):
     if not batch:
         return
     try:
@@ -267,12 +270,34 @@ def _flush(batch: list[tuple[str, LoraModule]], device: torch.device, dtype: tor
     except torch.linalg.LinAlgError:
         spectra = None
     if spectra is None or not all(torch.isfinite(s.S).all() for s in spectra):
-        # Only on failure: find the culprit rather than scanning every factor up front.
-        for name, m in batch:
-            if not (torch.isfinite(m.A).all() and torch.isfinite(m.B).all()):
-                raise LoraAnalysisError(f"module {name}: LoRA factors contain NaN or Inf")
-        raise LoraAnalysisError(f"SVD failed for modules {[name for name, _ in batch]}")
+        # Only on failure: find the culprit and the cause rather than scanning every factor up front.
+        name, cause = next(((n, c) for n, m in batch if (c := _failure_cause(m))),
+                           (batch[0][0], "the SVD did not converge (LAPACK)"))
+        where = f"{shown(source)}: " if source else ""
+        raise LoraAnalysisError(f"{where}cannot compute the spectrum of module {shown(name)}: {cause}")
     yield from zip((name for name, _ in batch), spectra)
+
+
+def _failure_cause(m: LoraModule) -> str | None:
+    """Why this module's spectrum is not finite, if its numbers show it: non-finite factors or
+    scale, or a ΔW = s·B·A whose size (bounded by |s|·‖B‖_F·‖A‖_F, taken in log space) may
+    exceed float64's range."""
+    if not (torch.isfinite(m.A).all() and torch.isfinite(m.B).all()):
+        return "its LoRA factors contain NaN or Inf"
+    if not math.isfinite(m.scale):
+        return f"its scale s = α/r = {m.scale} is not finite"
+    bound = math.log10(abs(m.scale) or 1.0) + _log10_norm(m.A) + _log10_norm(m.B)
+    if bound > 300:
+        return (f"ΔW = s·B·A reaches about 1e{bound:.0f} (|s|·‖B‖_F·‖A‖_F with s = {m.scale:.3g}), "
+                "beyond float64's range (1.8e308)")
+    return None
+
+
+def _log10_norm(x: torch.Tensor) -> float:
+    """log10 ‖x‖_F without overflow (the largest |entry| factored out); -inf for x = 0."""
+    x = x.detach().to("cpu", torch.float64)
+    peak = float(x.abs().max())
+    return math.log10(peak) + math.log10(float(torch.linalg.norm(x / peak))) if peak > 0 else -math.inf
 
 
 def _compute_dtype(module: LoraModule, dtype: torch.dtype) -> torch.dtype:

@@ -142,7 +142,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     from ..adapters import load_adapter
-    from ..analysis import adapter_spectra, compare_adapters
+    from ..analysis import adapter_spectra, compare_adapters, match_module_names
     from ..report import compare_report, render_report
 
     if args.plot:
@@ -152,8 +152,10 @@ def run_compare(args: argparse.Namespace) -> int:
     _check_outputs(args, {"-o": args.output, "--plot": args.plot}, [args.adapter_a, args.adapter_b])
     adapter_a = _select(load_adapter(args.adapter_a), args.modules, args.adapter_a)
     adapter_b = _select(load_adapter(args.adapter_b), args.modules, args.adapter_b)
+    match_module_names(list(adapter_a.modules), list(adapter_b.modules), (args.adapter_a, args.adapter_b))  # before the work
     spectra_a, spectra_b = (adapter_spectra(x, progress=not args.quiet, device=args.device) for x in (adapter_a, adapter_b))
-    comparison = compare_adapters(spectra_a, spectra_b, basis=args.basis, top_k=args.top_k)
+    comparison = compare_adapters(spectra_a, spectra_b, basis=args.basis, top_k=args.top_k,
+                                  sources=(args.adapter_a, args.adapter_b))
     report = compare_report(comparison, adapter_a, adapter_b, top_k=args.top_k, patterns=args.modules)
     if not report["pairs"]:
         raise LoraAnalysisError(f"{args.adapter_a} and {args.adapter_b}: no module in common "

@@ -8,6 +8,7 @@ import base64
 import html
 from typing import Mapping, Sequence
 
+from ..errors import escaped
 from ..naming import layer_of
 from .grouping import common_prefix, model_order
 from .tables import Table, analyze_header, analyze_tables
@@ -131,4 +132,4 @@ def _figure_html(png: bytes, caption: str) -> str:
 
 
 def _e(text: str) -> str:
-    return html.escape(str(text), quote=True)
+    return html.escape(escaped(text), quote=True)
