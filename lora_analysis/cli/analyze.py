@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import math
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -66,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="list only the N modules with the largest ‖ΔW‖_F (summaries still cover all)")
     analyze.add_argument("--tau", type=_fraction, nargs="+", default=[0.9, 0.99], metavar="TAU",
                          help="energy thresholds for the energy rank and the rank recommendation (default: 0.9 0.99)")
-    analyze.add_argument("--alpha", type=float, metavar="ALPHA",
+    analyze.add_argument("--alpha", type=_finite_float, metavar="ALPHA",
                          help="LoRA alpha to assume where the file does not record it (else scale is reported unknown)")
     analyze.add_argument("--weight-k", type=_positive_int, default=64, metavar="K",
                          help="with --base: top-K singular vectors of W for φ against W (default: 64)")
@@ -229,6 +230,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be ≥ 1, got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 
