@@ -97,8 +97,9 @@ class Pattern:
 
 
 @functools.lru_cache(maxsize=1024)
-def compile_pattern(pattern: str) -> Pattern:
-    """`pattern` (Python `re` syntax) compiled for linear-time matching; `PatternError` says why not."""
+def compile_pattern(pattern: str, shown_as: str | None = None) -> Pattern:
+    """`pattern` (Python `re` syntax) compiled for linear-time matching; `PatternError` says why
+    not. Errors show `shown_as` (default: the pattern) as the regex."""
     import re2
 
     if not isinstance(pattern, str):
@@ -124,13 +125,13 @@ def compile_pattern(pattern: str) -> Pattern:
         regex = re2.compile(translated, options)
     except re2.error as err:
         raise PatternError(pattern, f"is too large to match in linear time ({shown(err, 80)})") from None
-    return Pattern(pattern, regex, translator.uses_word_boundary)
+    return Pattern(pattern if shown_as is None else shown_as, regex, translator.uses_word_boundary)
 
 
 def peft_key(key: str) -> Pattern:
     """The pattern PEFT builds from a `rank_pattern` / `alpha_pattern` key (errors name the key)."""
     try:
-        return compile_pattern(rf"(.*\.)?({key})$")
+        return compile_pattern(rf"(.*\.)?({key})$", shown_as=key)
     except PatternError as err:  # positions in Python's message count the template: drop them
         raise PatternError(key, re.sub(r" at position \d+", "", err.reason)) from None
 

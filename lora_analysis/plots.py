@@ -26,7 +26,7 @@ import numpy as np
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from .errors import LoraAnalysisError
+from .errors import LoraAnalysisError, escaped
 from .fileio import atomic_path
 
 PHI_CMAP = "viridis"
@@ -37,8 +37,9 @@ MAX_PIXELS = 8000  # cap on the longer side of a raster figure with many panels
 
 
 def plain_text(text: str) -> str:
-    """`text` drawn literally by matplotlib: every `$` escaped, so no part of it is mathtext."""
-    return str(text).replace("$", r"\$")
+    """`text` drawn literally by matplotlib: control characters `escaped` (no font has glyphs
+    for them) and every `$` escaped, so no part of it is mathtext."""
+    return escaped(text).replace("$", r"\$")
 
 
 @dataclass

@@ -17,7 +17,7 @@ import traceback
 import warnings
 from typing import TextIO
 
-from ..errors import LoraAnalysisError
+from ..errors import LoraAnalysisError, escaped
 from ..version import __version__
 
 SUBCOMMANDS: list[str] = ["train", "analyze", "reproduce"]  # modules under lora_analysis.cli; each registers its subcommands
@@ -81,8 +81,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: TextIO | None = None, line: str | None = None) -> None:
-    """Warnings for CLI users: one line on stderr, no source location."""
-    print(f"lora-analysis: warning: {message}", file=file or sys.stderr)
+    """Warnings for CLI users: one line on stderr, no source location; text from files inside
+    the message (module names) cannot break the line or send terminal escapes."""
+    print(f"lora-analysis: warning: {escaped(message)}", file=file or sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,332 @@
+"""The fuzz suite's seeds, mutations and float64 oracle (used by tests/test_fuzz.py).
+
+A *seed* is an adapter written to a folder (by our writer, by hand in kohya's or loralib's
+layout, or copied from tests/fixtures/formats). A *mutant* is a seed with its config, its
+tensors or its bytes changed. The oracle reads a mutant with its own code — a safetensors
+parser written from the format's specification, Python's `json`, PEFT's own pattern rule — and
+predicts the singular values of every module's ΔW = s·B·A in float64; where it cannot
+interpret the file (a layout it does not know, a pickle it cannot read) it predicts nothing and
+only the report's self-consistency is checked.
+
+Adding a format fixture as a seed is one line in `SEEDS`: `"fixture:<folder name>"`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+FIXTURES = Path(__file__).parent / "fixtures" / "formats"
+
+SEEDS = [
+    "peft_dir",          # our writer: adapter_model.safetensors + adapter_config.json
+    "peft_file",         # our writer: one self-describing .safetensors (config in the header)
+    "kohya",             # lora_down / lora_up / alpha, hand-written
+    "loralib_pt",        # .pt state dict (torch.save), alpha unknown
+    "fixture:peft_lora_linear",
+    "fixture:peft_rslora_patterns",
+    "fixture:peft_lora_gpt2_conv1d",
+    "fixture:lycoris_locon",
+]
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+for _name, _dtype in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _dtype):
+        DTYPES[_name] = getattr(torch, _dtype)
+
+PEFT_PREFIX = "base_model.model."
+LAYOUTS = {"peft": (".lora_A.weight", ".lora_B.weight"), "kohya": (".lora_down.weight", ".lora_up.weight"),
+           "loralib": (".lora_A", ".lora_B")}
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def make_seed(kind: str, folder: Path, seed: int = 0) -> Path:
+    """Write seed `kind` into `folder` (created); returns the path to give the CLI."""
+    from lora_analysis import Adapter, LoraConfig, LoraModule, save_adapter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    if kind.startswith("fixture:"):
+        source = FIXTURES / kind.split(":", 1)[1]
+        expected = json.loads((source / "expected.json").read_text())
+        for name in expected["adapter_files"]:
+            shutil.copy(source / name, folder / name)
+        files = expected["adapter_files"]
+        return folder if len(files) > 1 or files[0].startswith("adapter_model") else folder / files[0]
+    if kind in ("peft_dir", "peft_file"):
+        modules = {f"model.layers.{i}.self_attn.{p}": LoraModule(torch.randn(2 + i, 6, generator=g),
+                                                                 torch.randn(5, 2 + i, generator=g), 4.0)
+                   for i in range(2) for p in ("q_proj", "v_proj")}
+        config = LoraConfig(r=2, lora_alpha=4.0, target_modules=["q_proj", "v_proj"], rank_pattern={r"layers\.1\..*": 3})
+        return save_adapter(Adapter(modules, config), folder / ("adapter" if kind == "peft_dir" else "adapter.safetensors"))
+    if kind == "kohya":
+        tensors = {}
+        for i in range(2):
+            tensors[f"lora_unet_block_{i}_attn.lora_down.weight"] = torch.randn(3, 7, generator=g)
+            tensors[f"lora_unet_block_{i}_attn.lora_up.weight"] = torch.randn(4, 3, generator=g)
+            tensors[f"lora_unet_block_{i}_attn.alpha"] = torch.tensor(2.0 + i)
+        path = folder / "kohya.safetensors"
+        path.write_bytes(safetensors_bytes(tensors))
+        return path
+    if kind == "loralib_pt":
+        path = folder / "lora.pt"
+        torch.save({"encoder.layer.0.query.lora_A": torch.randn(2, 6, generator=g),
+                    "encoder.layer.0.query.lora_B": torch.randn(5, 2, generator=g)}, path)
+        return path
+    raise ValueError(kind)
+
+
+# ----------------------------------------------------------------------------- safetensors by the spec
+
+
+@dataclass
+class Safetensors:
+    """A safetensors file as the specification defines it: header JSON + raw little-endian data."""
+
+    header: dict[str, Any]
+    metadata: dict[str, Any] | None
+    data: bytes
+
+    @classmethod
+    def parse(cls, raw: bytes) -> "Safetensors | None":
+        if len(raw) < 8:
+            return None
+        n = struct.unpack("<Q", raw[:8])[0]
+        if n > len(raw) - 8:
+            return None
+        try:
+            header = json.loads(raw[8:8 + n].decode("utf-8"), parse_constant=_no_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+        if not isinstance(header, dict):
+            return None
+        metadata = header.pop("__metadata__", None)
+        return cls(header, metadata if isinstance(metadata, dict) else None, raw[8 + n:])
+
+    def tensor(self, key: str) -> np.ndarray | None:
+        """float64 values of one tensor, or None where its entry breaks the specification."""
+        entry = self.header.get(key)
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = [int(s) for s in entry["shape"]]
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        count = math.prod(shape) if shape else 1
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if any(s < 0 for s in shape) or not 0 <= begin <= end <= len(self.data) or end - begin != count * itemsize:
+            return None
+        values = torch.frombuffer(bytearray(self.data[begin:end]) or bytearray(itemsize), dtype=dtype)[:count]
+        return values.to(torch.float64).reshape(shape).numpy()
+
+    def to_bytes(self) -> bytes:
+        header = dict(self.header)
+        if self.metadata is not None:
+            header["__metadata__"] = self.metadata
+        text = json.dumps(header).encode()
+        return struct.pack("<Q", len(text)) + text + self.data
+
+
+def _no_constant(token: str) -> Any:
+    raise ValueError(token)
+
+
+# ----------------------------------------------------------------------------- the oracle
+
+
+@dataclass
+class Prediction:
+    """What a correct reader must report: module name → singular values (float64, descending)
+    of ΔW = s·B·A with s from the recorded α (1 where it is unknown)."""
+
+    singular_values: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def predict(path: Path) -> Prediction | None:
+    """The oracle's prediction for the adapter at `path`, or None where it cannot interpret it."""
+    weights = path
+    if path.is_dir():
+        weights = path / "adapter_model.safetensors"
+    if weights.suffix != ".safetensors" or not weights.is_file():
+        return None
+    parsed = Safetensors.parse(weights.read_bytes())
+    if parsed is None:
+        return None
+    tensors = {key: parsed.tensor(key) for key in parsed.header}
+    if any(t is None for t in tensors.values()):
+        return None
+    layout = _layout(tensors)
+    if layout is None:
+        return None
+    config = _config(path, weights, parsed) if layout == "peft" else None
+    if config is False:
+        return None
+    a_suffix, b_suffix = LAYOUTS[layout]
+    prediction = Prediction()
+    names = {key[: -len(a_suffix)] for key in tensors if key.endswith(a_suffix)}
+    if {key[: -len(b_suffix)] for key in tensors if key.endswith(b_suffix)} != names:
+        return None
+    for raw_name in names:
+        A, B = tensors[raw_name + a_suffix], tensors[raw_name + b_suffix]
+        if layout == "kohya" and A.ndim == 4:
+            A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or 0 in A.shape + B.shape:
+            return None
+        if not (np.isfinite(A).all() and np.isfinite(B).all()):
+            return None
+        name = raw_name.removeprefix(PEFT_PREFIX) if layout == "peft" else raw_name
+        r = A.shape[0]
+        scale = _scale(layout, raw_name, name, r, tensors, config)
+        if scale is None:
+            return None
+        prediction.singular_values[name] = _singular_values(A, B, scale)
+    if len(prediction.singular_values) != len(names):
+        return None  # two raw names for one module
+    return prediction
+
+
+def _layout(tensors: dict[str, Any]) -> str | None:
+    found = [layout for layout, suffixes in LAYOUTS.items() if any(k.endswith(suffixes) for k in tensors)]
+    if len(found) != 1:
+        return None
+    a_suffix, b_suffix = LAYOUTS[found[0]]
+    rest = [k for k in tensors if not k.endswith((a_suffix, b_suffix))]
+    if found[0] == "kohya" and any(not k.endswith(".alpha") for k in rest):
+        return None
+    if found[0] != "kohya" and rest:
+        return None  # extra tensors (biases, modules_to_save, DoRA magnitudes): not the oracle's business
+    return found[0]
+
+
+def _config(path: Path, weights: Path, parsed: Safetensors) -> dict | None | bool:
+    """The PEFT config that applies (None: none; False: one the oracle cannot read)."""
+    beside = (path if path.is_dir() else path.parent) / "adapter_config.json"
+    text = None
+    header_config = (parsed.metadata or {}).get("adapter_config")
+    if path.is_dir() and beside.is_file():
+        text = beside.read_bytes()
+    elif header_config is not None:
+        text = header_config
+    elif beside.is_file():
+        text = beside.read_bytes()
+    if text is None:
+        return None
+    try:
+        config = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError, TypeError):
+        return False
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
+        return False
+    unknown = (parsed.metadata or {}).get("alpha_unknown")
+    if unknown is not None:
+        try:
+            config["_alpha_unknown"] = set(json.loads(unknown))
+        except (ValueError, TypeError):
+            return False
+    return config
+
+
+def _scale(layout: str, raw_name: str, name: str, r: int, tensors: dict, config: dict | None) -> float | None:
+    if layout == "kohya":
+        alpha = tensors.get(raw_name + ".alpha")
+        if alpha is None:
+            return 1.0
+        if alpha.size != 1 or not np.isfinite(alpha).all():
+            return None
+        return float(alpha.reshape(())) / r
+    if config is None or name in config.get("_alpha_unknown", ()):
+        return 1.0  # α unknown: the report uses s = 1 and says so
+    try:
+        rank = _peft_value(config.get("rank_pattern") or {}, name, config.get("r", 8))
+        alpha = _peft_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+    except re.error:
+        return None
+    if rank != r or not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        return None
+    if not isinstance(config.get("use_rslora", False), bool):
+        return None
+    return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def _peft_value(patterns: dict, name: str, default: Any) -> Any:
+    """PEFT's rule, by PEFT's own code: rank_pattern.get(get_pattern_key(keys, name), default)."""
+    from peft.utils.other import get_pattern_key
+
+    if not isinstance(patterns, dict) or len(name) > 40:
+        raise re.error("the oracle matches short names only (Python's re backtracks)")
+    return patterns.get(get_pattern_key(list(patterns), name), default)
+
+
+def _singular_values(A: np.ndarray, B: np.ndarray, scale: float) -> np.ndarray:
+    """σ(s·B·A) in float64, computed on factors normalised by their largest entry (the product
+    itself may overflow or underflow float64; σ scales exactly)."""
+    a, b = np.abs(A).max(), np.abs(B).max()
+    if a == 0 or b == 0:
+        return np.zeros(min(A.shape[0], A.shape[1], B.shape[0]))
+    core = np.linalg.svd((B / b) @ (A / a), compute_uv=False)[: min(A.shape[0], A.shape[1], B.shape[0])]
+    with np.errstate(over="ignore", under="ignore"):
+        return core * (abs(scale) * a * b)
+
+
+# ----------------------------------------------------------------------------- checks of a report
+
+
+def check_report(report: dict, prediction: Prediction | None, rtol: float = 2e-4) -> list[str]:
+    """Problems with an exit-0 JSON report: against the prediction where there is one, and
+    self-consistency always (σ descending and ≥ 0, ‖ΔW‖_F² = Σσ² over the numerical rank)."""
+    problems = []
+    reasons = report.get("null_reasons", {})
+    for name, m in report["modules"].items():
+        sv = m["singular_values"]
+        if any(s is None for s in sv):
+            if not all(f"/modules/{_token(name)}/singular_values/{i}" in reasons for i, s in enumerate(sv) if s is None):
+                problems.append(f"{name}: a null singular value without a reason")
+            continue
+        if any(s < 0 for s in sv) or any(x < y for x, y in zip(sv, sv[1:])):
+            problems.append(f"{name}: singular values not descending and non-negative: {sv}")
+        if prediction is not None:
+            expected = prediction.singular_values.get(name)
+            if expected is None:
+                problems.append(f"{name}: reported, but the oracle finds no such module ({sorted(prediction.singular_values)[:3]})")
+                continue
+            problems += _compare_values(name, np.asarray(sv, dtype=float), expected, rtol)
+    if prediction is not None:
+        missing = set(prediction.singular_values) - set(report["modules"])
+        if missing and report["adapter"]["num_analyzed"] == report["adapter"]["num_modules"]:
+            problems.append(f"modules the oracle finds but the report lacks: {sorted(missing)[:3]}")
+    return problems
+
+
+def _compare_values(name: str, got: np.ndarray, expected: np.ndarray, rtol: float) -> list[str]:
+    top = float(expected.max()) if expected.size else 0.0
+    if got.shape != expected.shape:
+        return [f"{name}: {got.size} singular values, the oracle {expected.size}"]
+    if not math.isfinite(top):
+        return []  # beyond float64: the report must have refused or nulled it (checked above)
+    tiny = np.finfo(np.float64).tiny
+    if top < tiny * 1e6:  # σ₁ near float64's subnormal range: only the rank-0 verdict is checkable
+        return [] if np.all(got <= top * 2 + tiny) else [f"{name}: σ {got} for an oracle of {expected}"]
+    error = np.abs(got - expected).max() / top
+    return [] if error <= rtol else [f"{name}: σ {got.tolist()} differ from the float64 oracle {expected.tolist()} "
+                                     f"(max error {error:.2e} of σ₁)"]
+
+
+def _token(name: str) -> str:
+    return name.replace("~", "~0").replace("/", "~1")
+
+
+Mutator = Callable[[Path], None]
