@@ -98,10 +98,12 @@ def _check_one(option: str, path: Path, protected: _Inputs, force: bool, directo
         raise OutputError(path, f"{option} would write over the input {shown(owner)} (inputs are never "
                                 "written over, --force or not); write the output elsewhere")
     if os.path.lexists(path):
-        if os.path.isdir(path) and not directory:
-            raise OutputError(path, f"{option} names a directory; give a file name")
-        if not directory and not force:
-            raise OutputError(path, f"{option}: the file exists; pass --force to replace it")
+        if directory != os.path.isdir(path):
+            wanted = "a directory" if directory else "a file name"
+            raise OutputError(path, f"{option} names {'a file' if directory else 'a directory'}; give {wanted}")
+        if not force and (not directory or any(os.scandir(path))):
+            what = "the directory holds files" if directory else "the file exists"
+            raise OutputError(path, f"{option}: {what}; pass --force to replace {'them' if directory else 'it'}")
         return
     parent = path.parent
     if not parent.is_dir():

@@ -255,7 +255,7 @@ def _scale(layout: str, raw_name: str, name: str, r: int, tensors: dict, config:
         alpha = _peft_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
     except re.error:
         return None
-    if rank != r or not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+    if rank != r or not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or abs(alpha) > 1.7e308:
         return None
     if not isinstance(config.get("use_rslora", False), bool):
         return None

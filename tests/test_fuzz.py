@@ -39,6 +39,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from fuzz_oracle import DTYPES, SEEDS, Safetensors, check_report, make_seed, predict
 from lora_analysis.cli import main
+from lora_analysis.errors import shown
 from lora_analysis.report import load_schema
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,9 +109,9 @@ def check_mutant(path: Path, description: str, formats: tuple[str, ...] = ("json
     log = os.environ.get("FUZZ_LOG")
     if log:
         with open(log, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"mutant": description, "exit": codes, "seconds": round(seconds, 3),
+            f.write(json.dumps({"mutant": shown(description, 400), "exit": codes, "seconds": round(seconds, 3),
                                 "peak_rss_mb": rss >> 20, "oracle": prediction is not None, "problems": problems}) + "\n")
-    assert not problems, f"{description}: " + "; ".join(problems)
+    assert not problems, f"{shown(description, 2000)}: " + "; ".join(problems)
 
 
 def contract_problems(code: int, out: str, err: str, path: Path, fmt: str, prediction) -> list[str]:

@@ -153,3 +153,21 @@ def test_check_outputs_api(tmp_path, peft_dir):
     check_outputs({"-o": None, "--plot": tmp_path / "new.png"}, [peft_dir, None])  # nothing to refuse
     with pytest.raises(OutputError):
         check_outputs({"-o": peft_dir / "adapter_config.json"}, [peft_dir], force=True)
+
+
+def test_directory_outputs(tmp_path, peft_dir):
+    """A command writing an adapter directory may create that one directory, not its parents;
+    an existing one that holds files needs --force; an input directory never."""
+    check_outputs({"-o": tmp_path / "new-adapter"}, [peft_dir], directories=["-o"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_outputs({"-o": empty}, [peft_dir], directories=["-o"])
+    with pytest.raises(OutputError, match="holds files; pass --force"):
+        check_outputs({"-o": peft_dir.parent}, [], directories=["-o"])
+    check_outputs({"-o": peft_dir.parent}, [], directories=["-o"], force=True)
+    with pytest.raises(OutputError, match="would write over the input"):
+        check_outputs({"-o": peft_dir}, [peft_dir], directories=["-o"], force=True)
+    with pytest.raises(OutputError, match="does not exist"):
+        check_outputs({"-o": tmp_path / "a" / "b"}, [], directories=["-o"])
+    with pytest.raises(OutputError, match="names a file"):
+        check_outputs({"-o": peft_dir / "adapter_config.json"}, [], directories=["-o"], force=True)
