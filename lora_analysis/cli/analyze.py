@@ -159,7 +159,7 @@ def run_compare(args: argparse.Namespace) -> int:
                                   sources=(args.adapter_a, args.adapter_b))
     report = compare_report(comparison, adapter_a, adapter_b, top_k=args.top_k, patterns=args.modules)
     if not report["pairs"]:
-        raise LoraAnalysisError(f"{args.adapter_a} and {args.adapter_b}: no module in common "
+        raise LoraAnalysisError(f"{shown(args.adapter_a)} and {shown(args.adapter_b)}: no module in common "
                                 f"(A has e.g. {_examples(report['only_in_a'])}; B has e.g. {_examples(report['only_in_b'])})")
     if args.plot:
         from ..plots import figure_bytes, figure_format
@@ -218,7 +218,8 @@ def _progress(args: argparse.Namespace, message: str) -> None:
 
 
 def _examples(names: list[str], n: int = 3) -> str:
-    return ", ".join(names[:n]) + (", ..." if len(names) > n else "") if names else "none"
+    """A few names for a message (escaped and cut short: they come from files)."""
+    return ", ".join(shown(name, 60) for name in names[:n]) + (", ..." if len(names) > n else "") if names else "none"
 
 
 def _add_module_filter(parser: argparse.ArgumentParser) -> None:
