@@ -36,7 +36,7 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_bytes
 
@@ -48,12 +48,6 @@ from lora_analysis.report import load_schema
 ROOT = Path(__file__).resolve().parents[1]
 MAX_SECONDS = 120  # per mutant: only a hang exceeds it (a mutant takes well under a second)
 MAX_RSS_BYTES = 2 << 30
-
-settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("long", max_examples=700, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -228,15 +222,17 @@ def apply_tensor_mutation(path: Path, mutation: dict) -> None:
         tensors[key] = tensors[key].to(torch.float64).to(DTYPES[mutation["dtype"]])
     elif kind == "magnitude":
         original = tensors[key]
-        tensors[key] = (original.to(torch.float64) * 10.0 ** mutation["exponent"]).to(original.dtype)
+        factor = torch.tensor(10.0, dtype=torch.float64) ** mutation["exponent"]  # 1e309 → inf, 1e-330 → 0
+        tensors[key] = (original.to(torch.float64) * factor).to(original.dtype)
     elif kind == "nonfinite" and tensors[key].is_floating_point() and tensors[key].numel():
         flat = tensors[key].clone().reshape(-1)
-        flat[mutation["index"] % flat.numel()] = mutation["value"]
+        flat[mutation["index"] % flat.numel()] = torch.tensor(mutation["value"], dtype=torch.float64).to(flat.dtype)
         tensors[key] = flat.reshape(tensors[key].shape)
     elif kind == "shape":
         t = tensors[key]
-        tensors[key] = {"add": t.unsqueeze(0), "drop": t.reshape(-1), "cut": t[..., :-1] if t.ndim else t,
-                        "empty": t[:0]}[mutation["shape"]].contiguous()
+        reshape = {"add": lambda: t.unsqueeze(0), "drop": lambda: t.reshape(-1), "cut": lambda: t[..., :-1],
+                   "empty": lambda: t.reshape(-1)[:0]}[mutation["shape"]]
+        tensors[key] = (reshape() if t.ndim else t.reshape(1)).contiguous()
     elif kind == "drop":
         del tensors[key]
     elif kind == "duplicate":
