@@ -304,6 +304,7 @@ def check_report(report: dict, prediction: Prediction | None, rtol: float = 2e-4
                 problems.append(f"{name}: reported, but the oracle finds no such module ({sorted(prediction.singular_values)[:3]})")
                 continue
             problems += _compare_values(name, np.asarray(sv, dtype=float), expected, rtol)
+            problems += _compare_metrics(name, m, expected, reasons, rtol)
     if prediction is not None:
         missing = set(prediction.singular_values) - set(report["modules"])
         if missing and report["adapter"]["num_analyzed"] == report["adapter"]["num_modules"]:
@@ -323,6 +324,28 @@ def _compare_values(name: str, got: np.ndarray, expected: np.ndarray, rtol: floa
     error = np.abs(got - expected).max() / top
     return [] if error <= rtol else [f"{name}: σ {got.tolist()} differ from the float64 oracle {expected.tolist()} "
                                      f"(max error {error:.2e} of σ₁)"]
+
+
+def _compare_metrics(name: str, module: dict, expected: np.ndarray, reasons: dict, rtol: float) -> list[str]:
+    """‖ΔW‖_F, σ₁ and the stable rank against the oracle's σ, computed scale-invariantly (σ/σ₁):
+    a value float64 can hold must be reported (not null), and right."""
+    top = float(expected.max()) if expected.size else 0.0
+    if not math.isfinite(top) or top < np.finfo(np.float64).tiny * 1e6:
+        return []
+    ratios = expected / top
+    oracle = {"sigma_max": top, "frobenius_norm": top * math.sqrt(float(np.sum(ratios**2))),
+              "stable_rank": float(np.sum(ratios**2))}
+    problems = []
+    for key, value in oracle.items():
+        got = module[key]
+        if not math.isfinite(value):
+            continue
+        if got is None:
+            reason = reasons.get(f"/modules/{_token(name)}/{key}")
+            problems.append(f"{name}: {key} is null ({reason}) though float64 holds it: {value:.6g}")
+        elif abs(got - value) > rtol * abs(value):
+            problems.append(f"{name}: {key} {got!r} differs from the float64 oracle {value!r}")
+    return problems
 
 
 def _token(name: str) -> str:
