@@ -182,8 +182,8 @@ def predict(path: Path) -> Prediction | None:
         return None
     for raw_name in names:
         A, B = tensors[raw_name + a_suffix], tensors[raw_name + b_suffix]
-        if layout == "kohya" and A.ndim == 4:
-            A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
+        if layout == "kohya" and A.ndim == 4 and B.ndim == 4:  # conv: (r, c_in, kh, kw), (c_out, r, 1, 1)
+            A, B = A.reshape(A.shape[0], math.prod(A.shape[1:])), B.reshape(B.shape[0], math.prod(B.shape[1:]))
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or 0 in A.shape + B.shape:
             return None
         if not (np.isfinite(A).all() and np.isfinite(B).all()):
