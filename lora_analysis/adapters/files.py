@@ -146,7 +146,34 @@ def _peft_config(path: Path, weights: Path, metadata: dict[str, str]) -> tuple[L
             raise AdapterFormatError(beside, f"cannot read: {err}") from None
     else:
         return None, source_format
-    return config_from_peft_dict(parse_json(text, where, what, AdapterFormatError), where), source_format
+    config = parse_json(text, where, what, AdapterFormatError)
+    if where == beside:
+        check_config_matches_weights(beside, config, weights, metadata)
+    return config_from_peft_dict(config, where), source_format
+
+
+def check_config_matches_weights(config_path: Path, config: object, weights: Path, metadata: dict[str, str]) -> None:
+    """Refuse an `adapter_config.json` that is not the config `weights` were saved with.
+
+    `save_adapter` writes a directory's two files as two atomic writes; a crash between them
+    leaves new weights beside the old config (read with the old α, σ would be off by their
+    ratio). The weights' safetensors header holds a copy of the config they were saved with,
+    which links the pair: where it is present the file must equal it (as JSON values). Files
+    without that copy (written by PEFT or others) cannot be checked and pass.
+    """
+    if HEADER_CONFIG_KEY not in metadata:
+        return
+    recorded = parse_json(metadata[HEADER_CONFIG_KEY], weights, "header config", AdapterFormatError)
+    if recorded == config:
+        return
+    if isinstance(recorded, dict) and isinstance(config, dict):
+        keys = sorted(k for k in recorded.keys() | config.keys() if recorded.get(k, ...) != config.get(k, ...))
+        differs = f"differs in {shown(', '.join(keys), 80)}"
+    else:
+        differs = "differs"
+    problem = (f"is not the config {weights.name} was saved with ({differs}): the two were not saved together "
+               f"(an interrupted save?); save the adapter again, or delete {CONFIG_NAME} to use the config in the weights' header")
+    raise AdapterFormatError(config_path, problem)
 
 
 def _modules(split: Factors, config: LoraConfig | None, alpha: float | None, path: Path) -> dict[str, LoraModule]:

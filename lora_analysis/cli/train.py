@@ -21,10 +21,14 @@ examples:
   lora-analysis train --data reviews.csv --text-column review --label-column stars --output-dir runs/mine
   lora-analysis train --model ./my-gpt2 --task causal-lm --data corpus.txt --targets c_attn --output-dir runs/lm
   lora-analysis train --steps 200 --output-dir runs/r8 --resume        # continue an interrupted run
+  lora-analysis train --steps 200 --seed 1 --output-dir runs/r8 --overwrite   # replace what is there
   torchrun --nproc_per_node 2 -m lora_analysis train --output-dir runs/ddp   # DDP, rank 0 writes
 
 The output directory is a PEFT adapter (adapter_model.safetensors + adapter_config.json, the
 classifier head as modules_to_save) plus metrics.json; checkpoint.pt exists while it runs.
+A directory holding a trained adapter or an unfinished run (checkpoint.pt) is refused unless
+--resume (continue it; a finished run of the same settings is kept as it is) or --overwrite
+(train from step 0 and replace it). A second run into a directory in use is refused.
 """
 
 SWEEP_EPILOG = """\
@@ -33,7 +37,8 @@ examples:
   lora-analysis sweep --ranks 8 64 --seeds 0 --steps 100 --output-dir runs/small
 
 One subdirectory per cell (e.g. r8-s0-query_value) and manifest.json. Re-running the same
-command skips finished cells and resumes unfinished ones.
+command skips finished cells and resumes unfinished ones; other settings are refused (use a new
+output directory). A second sweep into a directory in use is refused.
 """
 
 
@@ -43,7 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_training_options(train_parser, sweep=False)
-    train_parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    train_parser.add_argument("--resume", action="store_true",
+                              help="continue from OUTPUT_DIR/checkpoint.pt (a finished run of the same settings is kept)")
+    train_parser.add_argument("--overwrite", action="store_true",
+                              help="train from step 0 even if OUTPUT_DIR holds a trained adapter or a checkpoint, replacing them")
     add_common_options(train_parser)
     train_parser.set_defaults(func=run)
 

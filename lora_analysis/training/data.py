@@ -6,16 +6,21 @@
 Files: CSV, TSV and JSONL with configurable text and label columns (optionally .gz/.bz2/.xz
 compressed); plain text (one example per non-blank line) for causal language modelling.
 Every problem in a file is a `LoraAnalysisError` naming the file and line.
+
+Labels are compared as the text the file spells them with (JSONL numbers and booleans as
+Python prints them: 1, 1.0, True). Two spellings of one number (`1` and `1.0`, `01`, `1e0`)
+are refused rather than guessed at: as text they would be two classes, as numbers one.
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
+import decimal
 import gzip
 import io
-import json
 import lzma
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Sequence, cast
@@ -23,7 +28,8 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Sequence, cast
 import numpy as np
 
 from ..assets import asset_path
-from ..errors import LoraAnalysisError
+from ..errors import InputFileError, LoraAnalysisError, shown
+from ..fileio import parse_json
 
 if TYPE_CHECKING:
     import torch
@@ -124,6 +130,7 @@ def load_dataset(
     rows = cast("list[tuple[int, str, str]]", list(_read_rows(path, fmt, text_column, label_column, skip_labels)))  # labelled
     if not rows:
         raise LoraAnalysisError(f"{path}: no labelled examples")
+    _refuse_respelled_numbers(path, rows, labels or [])
     classes = list(labels) if labels else _sorted_labels({label for _, _, label in rows})
     if len(classes) < 2:
         raise LoraAnalysisError(f"{path}: classification needs at least 2 labels, found {classes}")
@@ -174,8 +181,8 @@ def _read_rows(
                 yield line, text, label
     except UnicodeDecodeError as err:
         raise LoraAnalysisError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except (OSError, EOFError) as err:
-        raise LoraAnalysisError(f"{path}: cannot read ({err})") from None
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as err:  # corrupt .gz/.bz2/.xz raise any of these
+        raise LoraAnalysisError(f"{path}: cannot read: corrupt or truncated file ({shown(err, 100)})") from None
 
 
 def _read_delimited(f, path, fmt, text_column, label_column):
@@ -206,9 +213,9 @@ def _read_jsonl(f, path, fmt, text_column, label_column):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise LoraAnalysisError(f"{path}:{line_number}: invalid JSON ({err.msg})") from None
+            record = parse_json(line, f"{path}:{line_number}", "JSONL record")
+        except InputFileError as err:
+            raise LoraAnalysisError(str(err)) from None
         if not isinstance(record, dict):
             raise LoraAnalysisError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
         missing = [c for c in (text_column, label_column) if c and c not in record]
@@ -217,6 +224,8 @@ def _read_jsonl(f, path, fmt, text_column, label_column):
         label = None if label_column is None else record[label_column]
         if not isinstance(record[text_column], str) or isinstance(label, (dict, list)):
             raise LoraAnalysisError(f"{path}:{line_number}: text must be a string and the label a scalar")
+        if label_column is not None and label is None:
+            raise LoraAnalysisError(f"{path}:{line_number}: label {label_column!r} is null")
         yield line_number, record[text_column], None if label is None else str(label)
 
 
@@ -235,6 +244,25 @@ def _read_trec(f, path, fmt, text_column, label_column):
         if not colon or not text:
             raise LoraAnalysisError(f"{path}:{line_number}: expected 'COARSE:fine question', got {line[:40]!r}")
         yield line_number, text, coarse
+
+
+def _refuse_respelled_numbers(path: Path, rows: list[tuple[int, str, str]], given: list[str]) -> None:
+    """Refuse two spellings of one number among the labels (given ones and the file's)."""
+    first_seen: dict[decimal.Decimal, tuple[str, str]] = {}  # number -> (spelling, where)
+    where = [(label, "--labels") for label in given] + [(label, f"line {line}") for line, _, label in rows]
+    for label, place in where:
+        try:
+            number = decimal.Decimal(label)
+        except decimal.InvalidOperation:
+            continue
+        if number.is_nan():
+            continue
+        spelling, seen_at = first_seen.setdefault(number, (label, place))
+        if spelling != label:
+            raise LoraAnalysisError(
+                f"{path}: labels {shown(spelling, 30)!r} ({seen_at}) and {shown(label, 30)!r} ({place}) are the same "
+                "number spelled differently; write each label one way (they would be two classes)"
+            )
 
 
 def _sorted_labels(values: set[str]) -> list[str]:
