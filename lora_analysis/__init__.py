@@ -1,8 +1,9 @@
 """lora_analysis: rank analysis and interpretability of LoRA adapters.
 
 Reproduces Section 7 of "LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., 2021,
-arXiv 2106.09685) on any model: spectra of ΔW = s·B·A from the factors, subspace similarity φ
-across ranks, seeds and layers, and projections of ΔW against the pretrained W.
+arXiv 2106.09685) on any model: spectra of ΔW = s·B·A from the factors (and of AdaLoRA, Tucker,
+LoHa, LoKr, DoRA updates, from adapters of every common format), subspace similarity φ across
+ranks, seeds and layers, and projections of ΔW against the pretrained W.
 
 The names below are imported on first use (PEP 562): `import lora_analysis` loads neither
 torch nor the training code until a name that needs them is used.
@@ -17,8 +18,19 @@ from .version import __version__
 
 # public name -> the subpackage or module that defines it
 _EXPORTS = {
+    "AdaLoraModule": ".adapters",
     "Adapter": ".adapters",
+    "DenseModule": ".adapters",
+    "DoraModule": ".adapters",
+    "ExpertsModule": ".adapters",
+    "KroneckerFactor": ".adapters",
+    "LohaModule": ".adapters",
+    "LokrModule": ".adapters",
     "LoraModule": ".adapters",
+    "Storage": ".adapters",
+    "TuckerModule": ".adapters",
+    "Update": ".adapters",
+    "UpdateInfo": ".adapters",
     "load_adapter": ".adapters",
     "save_adapter": ".adapters",
     "AdapterAnalysis": ".analysis",
@@ -53,7 +65,23 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
-    from .adapters import Adapter, LoraModule, load_adapter, save_adapter
+    from .adapters import (
+        AdaLoraModule,
+        Adapter,
+        DenseModule,
+        DoraModule,
+        ExpertsModule,
+        KroneckerFactor,
+        LohaModule,
+        LokrModule,
+        LoraModule,
+        Storage,
+        TuckerModule,
+        Update,
+        UpdateInfo,
+        load_adapter,
+        save_adapter,
+    )
     from .analysis import (
         AdapterAnalysis,
         AnalysisOptions,

@@ -7,9 +7,12 @@ pretrained one, such as `lora.LoraLinear`, give their frozen base weight: see `W
 `naming.resolve_module_name` (`base_model.model.`, `bert.`, `model.` prefixes, ...).
 
 W is returned as (d_out, d_in), the `nn.Linear` orientation: GPT-2's Conv1D stores (d_in, d_out)
-and is transposed. For a file, the orientation follows the adapter module's `fan_in_fan_out`
-(PEFT records it for Conv1D layers), for an in-memory model the layer's type; a stored shape
-that disagrees is refused, never re-oriented to fit.
+and is transposed, and so is an embedding's (num_embeddings, dim); a conv kernel (c_out, c_in,
+kh, kw) is flattened per output channel, (c_out, c_in·kh·kw), as its updates are. For a file,
+the orientation follows the adapter module's own record (`Storage.transposed`: PEFT's
+`fan_in_fan_out` for Conv1D layers, embeddings), for an in-memory model the layer's type; a
+stored shape that disagrees is refused, never re-oriented to fit. Only where the adapter records
+no orientation (loralib) does a non-square shape decide; a square one is then refused.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .adapters import LoraModule
-from .errors import InputFileError, LoraAnalysisError, shown, unpickling_refusal
+from .adapters import Update, UpdateInfo
+from .errors import InputFileError, LoraAnalysisError, ModuleResolutionError, shown, unpickling_refusal
 from .fileio import read_json
 from .naming import resolve_module_name
 
@@ -81,7 +84,8 @@ class BaseWeights:
         self.dtype, self.device = dtype, torch.device(device)
         self._modules: dict[str, nn.Module] = {}
         self._files: dict[str, Path] = {}  # module name → file holding `<name>.weight`
-        self._shapes: dict[str, tuple[int, ...]] = {}  # stored shapes
+        self._shapes: dict[str, tuple[int, ...]] = {}  # stored shapes of the weights (≥ 2-D)
+        self._tensor_shapes: dict[str, tuple[int, ...]] = {}  # every tensor of the files
         self._bin_cache: dict[Path, dict[str, Any]] = {}  # a weights-only state dict: tensors and more
         if isinstance(source, nn.Module):
             self.source = f"in-memory {type(source).__name__}"
@@ -91,12 +95,20 @@ class BaseWeights:
             self.source = str(path)
             self._index_files(_weight_files(path))
         if not self._shapes:
-            raise LoraAnalysisError(f"{self.source}: no 2-D weights found")
+            raise LoraAnalysisError(f"{self.source}: no weights of 2 or more dimensions found")
 
     @property
     def names(self) -> list[str]:
-        """Module names that have a 2-D `weight`, in checkpoint order."""
+        """Module names that have a `weight` of 2 or more dimensions, in checkpoint order."""
         return list(self._shapes)
+
+    @property
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{tensor name: stored shape} of every tensor (weights, biases, fused parameters), for
+        adapter formats that need the model's shapes to tell layers apart (`load_adapter`)."""
+        if self._modules and not self._tensor_shapes:
+            return {f"{name}.weight": shape for name, shape in self._shapes.items()}
+        return dict(self._tensor_shapes)
 
     def __len__(self) -> int:
         return len(self._shapes)
@@ -108,40 +120,62 @@ class BaseWeights:
             return False
         return True
 
-    def resolve(self, name: str) -> str:
-        """The checkpoint's name for adapter module `name`; `ModuleResolutionError` lists the closest."""
-        return resolve_module_name(name, self._shapes, what=f"base weights {self.source}")
+    def resolve(self, name: str, component: str | None = None, weight_suffix: str | None = None) -> str:
+        """The checkpoint's name for adapter module `name` (of pipeline `component`, when the
+        adapter records one: a checkpoint of several components names it `component.name`;
+        `weight_suffix`: a tool's wrapper keeps W at `name.suffix`, tried second);
+        `ModuleResolutionError` lists the closest."""
+        component, _, path = name.rpartition("/") if "/" in name else (component or "", "", name)
+        if component and f"{component}.{path}" in self._shapes:
+            return f"{component}.{path}"
+        try:
+            return resolve_module_name(path, self._shapes, what=f"base weights {self.source}")
+        except ModuleResolutionError:
+            if not weight_suffix:
+                raise
+            return resolve_module_name(f"{path}.{weight_suffix}", self._shapes, what=f"base weights {self.source}")
 
     def stored_shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[self.resolve(name)]
 
-    def weight(self, name: str, module: LoraModule | None = None) -> torch.Tensor:
-        """W for adapter module `name`, (d_out, d_in).
+    def weight(self, name: str, module: Update | UpdateInfo | None = None) -> torch.Tensor:
+        """W for adapter module `name`, (d_out, d_in); conv kernels flattened per output channel.
 
-        With `module`, W is oriented and checked against its (d_out, d_in); without it, file
-        weights come as stored and in-memory Conv1D weights are transposed.
+        With `module` (an update or its info), W is oriented and checked against its
+        (d_out, d_in); without it, file weights come as stored and in-memory Conv1D weights are
+        transposed.
         """
-        key = self.resolve(name)
+        info = module.info if isinstance(module, Update) else module
+        if info is not None and info.storage.experts:
+            raise LoraAnalysisError(f"module {shown(name)}: analyses against the base weights of fused expert parameters "
+                                    "are not supported")
+        key = self.resolve(name, info.component, info.storage.weight_suffix) if info else self.resolve(name)
         stored = self._read(key)
         if not torch.is_floating_point(stored) or not torch.isfinite(stored).all():
             raise LoraAnalysisError(f"{self.source}: weight {shown(key)} is not finite floating point")
-        transpose = self._is_transposed(key, stored.shape, module)
+        if stored.ndim > 2:
+            stored = stored.reshape(stored.shape[0], -1)
+        transpose = self._is_transposed(key, stored.shape, info)
         W = stored.T if transpose else stored
         return W.to(device=self.device, dtype=self.dtype).contiguous()
 
-    def _is_transposed(self, key: str, shape: torch.Size, module: LoraModule | None) -> bool:
-        """Whether W is stored as (d_in, d_out). Never guessed from the shape: an in-memory layer's
-        type says it (Conv1D), for a file the adapter module's own record (`fan_in_fan_out`,
-        which PEFT sets for Conv1D layers); the stored shape must then agree with it."""
+    def _is_transposed(self, key: str, shape: torch.Size, info: UpdateInfo | None) -> bool:
+        """Whether W is stored as (d_in, d_out). Never guessed from the shape where it is
+        recorded: an in-memory layer's type says it (Conv1D, Embedding), for a file the adapter
+        module's own record (`Storage.transposed`, from PEFT's `fan_in_fan_out`); the stored
+        shape must then agree with it. Unrecorded (loralib): a non-square shape decides."""
+        transposed: bool | None
         if key in self._modules:
-            transposed = is_conv1d(self._modules[key])
-        elif module is None:
+            transposed = is_conv1d(self._modules[key]) or isinstance(self._modules[key], nn.Embedding)
+        elif info is None:
             return False
         else:
-            transposed = module.fan_in_fan_out
-        if module is None:
-            return transposed
-        linear = (module.d_out, module.d_in)
+            transposed = info.storage.transposed
+        if info is None:
+            return bool(transposed)
+        linear = info.shape
+        if transposed is None:
+            return self._unrecorded_orientation(key, shape, linear)
         expected = linear[::-1] if transposed else linear
         if tuple(shape) == expected:
             return transposed
@@ -151,6 +185,17 @@ class BaseWeights:
         if tuple(shape) == expected[::-1]:
             problem += "; its orientation is never guessed from the shape (a Conv1D base needs fan_in_fan_out: true)"
         raise InputFileError(self.source, problem)
+
+    def _unrecorded_orientation(self, key: str, shape: torch.Size, linear: tuple[int, int]) -> bool:
+        """Whether W is stored transposed, for an adapter that does not record it (loralib): a
+        non-square shape matches one orientation only; a square one cannot be told apart."""
+        if linear[0] != linear[1] and tuple(shape) in (linear, linear[::-1]):
+            return tuple(shape) != linear
+        if tuple(shape) == linear:
+            raise InputFileError(self.source, f"weight {shown(key)} is square and the adapter does not record whether "
+                                              "ΔW is stored transposed (loralib): cannot orient it")
+        raise InputFileError(self.source, f"weight {shown(key)} is stored as {tuple(shape)}, but the adapter module "
+                                          f"is (d_out, d_in) = {linear}")
 
     def _read(self, key: str) -> torch.Tensor:
         if key in self._modules:
@@ -173,14 +218,15 @@ class BaseWeights:
                 inside = f"{name}." if name else ""
                 module = module.get_base_layer()
             weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.ndim == 2:
+            if isinstance(weight, torch.Tensor) and weight.ndim >= 2:
                 self._modules[name] = module
                 self._shapes[name] = tuple(weight.shape)
 
     def _index_files(self, files: list[Path]) -> None:
         for path in files:
             for key, shape in self._stored_shapes(path).items():
-                if key.endswith(".weight") and len(shape) == 2:
+                self._tensor_shapes[key] = shape
+                if key.endswith(".weight") and len(shape) >= 2:
                     name = key[: -len(".weight")]
                     self._files[name], self._shapes[name] = path, shape
 

@@ -31,7 +31,9 @@ KNOWN_PREFIXES = ("base_model.model.", "bert.", "roberta.", "model.", "transform
 
 
 def strip_known_prefixes(name: str) -> str:
-    """Remove leading wrapper prefixes (`base_model.model.`, `bert.`, ...) repeatedly."""
+    """Remove a pipeline component (`unet/`, as adapters of several components name their
+    modules) and leading wrapper prefixes (`base_model.model.`, `bert.`, ...) repeatedly."""
+    name = name.rpartition("/")[2]
     changed = True
     while changed:
         changed = False
@@ -44,14 +46,19 @@ def strip_known_prefixes(name: str) -> str:
 def resolve_module_name(name: str, candidates: Iterable[str], what: str = "model") -> str:
     """The candidate naming the same module as `name`.
 
-    Exact match first; then equality after stripping known prefixes on both sides. Raises
-    `ModuleResolutionError` (listing the closest candidates) when nothing or several match.
+    Exact match first; then equality after stripping known prefixes on both sides; then, for
+    names read from kohya keys (which write every "." as "_"), equality with "." and "_" not
+    told apart. Raises `ModuleResolutionError` (listing the closest candidates) when nothing
+    or several match.
     """
     candidates = list(candidates)
     if name in candidates:
         return name
     key = strip_known_prefixes(name)
     matches = [c for c in candidates if strip_known_prefixes(c) == key]
+    if not matches:
+        mangled = key.replace(".", "_")
+        matches = [c for c in candidates if strip_known_prefixes(c).replace(".", "_") == mangled]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:

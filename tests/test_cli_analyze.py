@@ -219,7 +219,8 @@ def test_analyze_kohya_markdown(kohya):
     result = cli("analyze", kohya, "--format", "markdown", "--tau", "0.5", "0.95")
     assert result.returncode == 0, result.stderr
     md = result.stdout
-    assert "| lora\\_te\\_text\\_model\\_encoder\\_layers\\_0\\_self\\_attn\\_q\\_proj | 16×24 | 4 | 2 | 0.5 |" in md
+    # Module names as the model names them (issue 10), not kohya's mangled lora name.
+    assert "| text\\_model.encoder.layers.0.self\\_attn.q\\_proj | 16×24 | 4 | 2 | 0.5 |" in md
     assert "| r@50% | r@95% |" in md and "(kohya" in md
 
 

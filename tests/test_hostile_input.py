@@ -111,7 +111,7 @@ def test_spectrum_failure_names_the_file_and_the_cause(tmp_path, capfd):
     path = tmp_path / "huge.safetensors"
     save_file({"m.lora_down.weight": torch.randn(2, 5, generator=g, dtype=torch.float64) * 1e200,
                "m.lora_up.weight": torch.randn(4, 2, generator=g, dtype=torch.float64) * 1e200}, path)
-    refused(["analyze", str(path)], capfd, str(path), "module m", "beyond float64's range")
+    refused(["analyze", str(path)], capfd, str(path), "module m", "σ₁ of ΔW is about 1e4", "overflows float64")
 
 
 @pytest.mark.parametrize("side", ["a", "b"])

@@ -1,7 +1,8 @@
 """The analyses of Section 7 of the LoRA paper, on the factors.
 
-- spectrum: exact thin SVD of ΔW = s·B·A per module (`module_spectrum`, `adapter_spectra`,
-  `iter_spectra` → `ModuleSpectrum`), rank metrics (`rank_metrics` → `RankMetrics`).
+- spectrum: exact thin SVD of every module's ΔW from its update's factored form (LoRA's s·B·A,
+  AdaLoRA, Tucker, LoHa, LoKr, DoRA, dense; `module_spectrum`, `adapter_spectra`, `iter_spectra`
+  → `ModuleSpectrum`), rank metrics on σ/σ₁ (`rank_metrics` → `RankMetrics`), `dense_svd`.
 - similarity: φ grids (`subspace_similarity`), bases "A" / "B" / "dW-left" / "dW-right"
   (`ModuleSpectrum.basis`), comparisons of modules, adapters and layers, chance level.
 - projection: W's SVD (`weight_svd`, cached), Table 7 (`projection_norms`), Figure 8 (`phi_vs_weight`).
@@ -14,7 +15,7 @@ Random references (random subspaces, sketches) are drawn with `seeding.seeded_ge
 
 from ..config import BASIS_KINDS, BasisKind
 from ..seeding import random_basis, seeded_generator
-from .analyze import AdapterAnalysis, AnalysisOptions, ModuleAnalysis, analyze_adapter
+from .analyze import AdapterAnalysis, AnalysisOptions, ModuleAnalysis, adapter_notes, analyze_adapter
 from .intruders import Intruders, intruder_dimensions
 from .projection import (
     ProjectionNorms,
@@ -34,6 +35,7 @@ from .similarity import (
     compare_layers,
     compare_modules,
     match_module_names,
+    pair_basis,
     principal_angles,
     random_reference_grid,
     subspace_similarity,
@@ -41,9 +43,11 @@ from .similarity import (
 from .spectrum import (
     DEFAULT_TAUS,
     Basis,
+    DenseSVD,
     ModuleSpectrum,
     RankMetrics,
     adapter_spectra,
+    dense_svd,
     iter_spectra,
     module_spectrum,
     rank_metrics,
@@ -58,6 +62,7 @@ __all__ = [
     "Basis",
     "BasisKind",
     "Comparison",
+    "DenseSVD",
     "Intruders",
     "LayerComparison",
     "ModuleAnalysis",
@@ -65,6 +70,7 @@ __all__ = [
     "ProjectionNorms",
     "RankMetrics",
     "WeightSpectrum",
+    "adapter_notes",
     "adapter_spectra",
     "analyze_adapter",
     "chance_level",
@@ -73,10 +79,12 @@ __all__ = [
     "compare_layers",
     "compare_modules",
     "default_cache_dir",
+    "dense_svd",
     "intruder_dimensions",
     "iter_spectra",
     "match_module_names",
     "module_spectrum",
+    "pair_basis",
     "phi_vs_weight",
     "principal_angles",
     "projection_norms",

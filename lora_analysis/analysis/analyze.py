@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..adapters import Adapter
+from ..adapters import Adapter, Update
 from ..base_weights import BaseWeights
 from ..errors import LoraAnalysisError
 from .intruders import Intruders, intruder_dimensions
@@ -34,6 +34,10 @@ class AnalysisOptions:
         exact_max_dim: W's SVD is exact when min(d_out, d_in) ≤ this, else randomized.
         cache, cache_dir: W's SVD is cached on disk (`weight_svd`).
     device: where the spectra are computed ("auto": CUDA when present).
+    keep_vectors: keep each module's singular vectors in the result (`ModuleSpectrum.U`, `.V`,
+        `.basis`); False releases them once the module is analysed (reports need only the
+        singular values and the numbers computed per module), so a large adapter's analysis
+        holds no d × r frames.
     """
 
     taus: Sequence[float] = DEFAULT_TAUS
@@ -45,6 +49,7 @@ class AnalysisOptions:
     cache: bool = True
     cache_dir: str | os.PathLike | None = None
     device: str | torch.device = "auto"
+    keep_vectors: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "taus", tuple(float(t) for t in self.taus))
@@ -116,20 +121,26 @@ def analyze_adapter(
     options = options or AnalysisOptions()
     taus = tuple(options.taus)
     analysis = AdapterAnalysis({}, taus, adapter.source, base.source if base else None, adapter.alpha_known)
-    if not adapter.alpha_known:
-        analysis.notes.append(
-            "LoRA alpha unknown: s = 1 assumed, so absolute magnitudes (‖ΔW‖_F, σ, Table 7) are "
-            "known only up to the factor s; ranks and φ are unaffected"
-        )
+    analysis.notes += adapter_notes(adapter)
     skipped = []
-    spectra = iter_spectra(adapter.items(), options.device, source=adapter.source)
+    weights: dict[str, torch.Tensor] = {}  # W read for a DoRA module's ΔW, kept for the comparisons
+
+    def base_weight(name: str, update: Update) -> torch.Tensor:
+        assert base is not None
+        weights[name] = base.weight(name, update.info)
+        return weights[name]
+
+    spectra = iter_spectra(adapter.items(), options.device, base=base_weight if base is not None else None,
+                           source=adapter.source)
     for name, spectrum in with_progress(spectra, len(adapter), "analyze", progress):
         result = ModuleAnalysis(name, spectrum, spectrum.metrics(taus))
         if base is not None:
             if options.intruders is None and not options.wants_intruders(spectrum.shape):
                 skipped.append(name)
-            W = base.weight(name, adapter[name]).to(spectrum.Q_B)
-            _compare_with_weight(result, W, options)
+            W = weights.pop(name) if name in weights else base.weight(name, adapter.info(name))
+            _compare_with_weight(result, W.to(device=spectrum.device, dtype=spectrum.dtype), options)
+        if not options.keep_vectors:
+            spectrum.release_vectors()
         analysis.modules[name] = result
     if skipped:
         analysis.notes.append(
@@ -137,6 +148,22 @@ def analyze_adapter(
             f"{options.exact_max_dim} (they need W's full SVD): pass intruders=True to compute them"
         )
     return analysis
+
+
+def adapter_notes(adapter: Adapter) -> list[str]:
+    """What every report of `adapter` must say: how its reader settled open questions of the
+    format, unknown α, and DoRA modules read as their direction update alone."""
+    notes = list(adapter.notes)
+    if not adapter.alpha_known:
+        notes.append(
+            "LoRA alpha unknown: s = 1 assumed, so absolute magnitudes (‖ΔW‖_F, σ, Table 7) are "
+            "known only up to the factor s; ranks and φ are unaffected"
+        )
+    directions = adapter.kinds.get("dora-direction", 0)
+    if directions:
+        notes.append(f"{directions} DoRA module(s) analysed as their direction update s·B·A alone, as asked "
+                     "(--dora-direction): not their ΔW, which needs the base weights")
+    return notes
 
 
 def _compare_with_weight(result: ModuleAnalysis, W: torch.Tensor, options: AnalysisOptions) -> None:

@@ -214,7 +214,7 @@ def projection_norms(
         raise LoraAnalysisError(f"projection rank r={r} outside [0, {spectrum.S.numel()}]")
     if weight_spectrum is None or weight_spectrum.k < r:
         weight_spectrum = weight_svd(W, r)
-    W = W.to(spectrum.Q_B)
+    W = W.to(device=spectrum.device, dtype=spectrum.dtype)
     generator = seeded_generator(seed)
     random_U, random_V = random_basis(W.shape[0], r, generator), random_basis(W.shape[1], r, generator)
     delta = _projected_norm(W, spectrum.U[:, :r], spectrum.V[:, :r])

@@ -116,13 +116,18 @@ class Comparison:
 def compare_bases(a: Basis, b: Basis, top_k: int | None = None) -> Comparison:
     """`Comparison` of two bases of the same space.
 
-    M = aᵀb = rotation_aᵀ (frame_aᵀ frame_b) rotation_b: one d × k × k product, the rest small.
+    M = aᵀb = rotation_aᵀ (frame_aᵀ frame_b) rotation_b: one d × k × k product, the rest small
+    (a rotation of None is the identity).
     """
     if a.dim != b.dim:
         raise LoraAnalysisError(f"its {a.kind} bases live in spaces of different dimensions, {a.dim} and {b.dim}, "
                                 "so φ between them does not exist")
-    frames = torch.from_numpy(_cross_product(a.frame, b.frame))
-    M = (a.rotation.cpu().T @ frames @ b.rotation.cpu()).numpy()
+    product = torch.from_numpy(_cross_product(a.frame, b.frame))
+    if a.rotation is not None:
+        product = a.rotation.cpu().T @ product
+    if b.rotation is not None:
+        product = product @ b.rotation.cpu()
+    M = product.numpy()
     grid = phi_grid(M, a.rank, b.rank)
     k = min(a.rank, b.rank) if top_k is None else min(top_k, a.rank, b.rank)
     return Comparison(
@@ -138,9 +143,24 @@ def compare_bases(a: Basis, b: Basis, top_k: int | None = None) -> Comparison:
     )
 
 
-def compare_modules(a: ModuleSpectrum, b: ModuleSpectrum, basis: BasisKind = "A", top_k: int | None = None) -> Comparison:
-    """φ between two modules' spectra in the chosen basis (default: right-singular vectors of A)."""
-    return compare_bases(a.basis(basis), b.basis(basis), top_k)
+def compare_modules(a: ModuleSpectrum, b: ModuleSpectrum, basis: BasisKind = "A", top_k: int | None = None,
+                    fallback: bool = False) -> Comparison:
+    """φ between two modules' spectra in the chosen basis (default: right-singular vectors of A).
+
+    The bases "A" and "B" exist only for updates with such factors (`has_factor_bases`: LoRA,
+    AdaLoRA, Tucker); for others (LoHa, LoKr, DoRA, dense) asking for them raises, unless
+    `fallback`: then the pair is compared in ΔW's own singular vectors of the same space
+    (A → dW-right, the input space; B → dW-left), and `Comparison.basis` says so.
+    """
+    return compare_bases(a.basis(pair_basis(a, b, basis, fallback)), b.basis(pair_basis(a, b, basis, fallback)), top_k)
+
+
+def pair_basis(a: ModuleSpectrum, b: ModuleSpectrum, basis: BasisKind, fallback: bool) -> BasisKind:
+    """The basis two modules are compared in: `basis`, or with `fallback` ΔW's singular vectors
+    of the same space where "A"/"B" do not exist for one of them (see `compare_modules`)."""
+    if fallback and basis in ("A", "B") and not (a.has_factor_bases and b.has_factor_bases):
+        return "dW-right" if basis == "A" else "dW-left"
+    return basis
 
 
 @dataclass
@@ -165,12 +185,15 @@ def compare_adapters(
     top_k: int | None = None,
     progress: bool = False,
     sources: tuple[str | None, str | None] | None = None,
+    fallback: bool = False,
 ) -> AdapterComparison:
     """φ of every module present in both adapters; lists the modules present in only one.
 
     sources: the two adapters' files, named in errors (default: an Adapter's `source`).
     Raises `LoraAnalysisError` naming both files when a module's two bases live in spaces of
     different dimensions, and naming the file when one adapter names a module twice.
+    `fallback`: pairs of kinds without factors A/B are compared in ΔW's singular vectors of
+    the same space, each pair's `basis` saying which (see `compare_modules`); else they raise.
     """
     label_a, label_b = sources or (_source(a), _source(b))
     spectra_a, spectra_b = _spectra(a, progress), _spectra(b, progress)
@@ -178,7 +201,7 @@ def compare_adapters(
     comparisons = {}
     for name_a, name_b in matched.items():
         try:
-            comparisons[name_a] = compare_modules(spectra_a[name_a], spectra_b[name_b], basis, top_k)
+            comparisons[name_a] = compare_modules(spectra_a[name_a], spectra_b[name_b], basis, top_k, fallback)
         except LoraAnalysisError as e:
             where = f"{shown(label_a)} and {shown(label_b)}: " if label_a and label_b else ""
             raise LoraAnalysisError(f"{where}module {shown(name_a)}: {e}") from None

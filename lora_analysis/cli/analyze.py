@@ -25,9 +25,13 @@ REPORT_FORMATS = ("text", "markdown", "json", "html")
 COMPARE_FORMATS = ("text", "markdown", "json")
 
 ANALYZE_EPILOG = """\
-Metrics of ΔW = s·B·A are computed exactly from the factors (QR + r×r SVD), never by
-forming the d×k matrix. With --base, each module is also compared with its pretrained W
-(paper Table 7 and Figure 8, intruder dimensions); W's SVD is cached on disk.
+Metrics of ΔW are computed exactly from each module's factors, never by forming the d×k
+matrix: LoRA's s·B·A (QR + r×r SVD), and likewise AdaLoRA, Tucker LoCon and LoHa (Khatri–Rao
+factors), LoKr (σ = products of the Kronecker factors' σ); DoRA and loralib convs are formed
+and decomposed exactly, one module at a time. DoRA's ΔW needs the base weights (--base).
+With --base, each module is also compared with its pretrained W (paper Table 7 and Figure 8,
+intruder dimensions); W's SVD is cached on disk. Formats read: PEFT (LoRA, AdaLoRA, LoHa,
+LoKr, DoRA), diffusers, kohya, LyCORIS, loralib, torchtune, LitGPT, AdapterHub.
 
 examples:
   lora-analysis analyze adapter_model.safetensors
@@ -57,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "rank recommendation, and (with --base) ΔW against the pretrained weights.",
         epilog=ANALYZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    analyze.add_argument("adapter", metavar="ADAPTER", help="adapter .safetensors/.bin file or directory (ours, PEFT, kohya, loralib)")
+    analyze.add_argument("adapter", metavar="ADAPTER", help="adapter file (.safetensors, .bin, .pt, .pth) or directory")
     analyze.add_argument("--base", metavar="MODEL", help="pretrained weights: Hugging Face model directory or .safetensors file")
     analyze.add_argument("--format", choices=REPORT_FORMATS, default="text", help="report format (default: text)")
     analyze.add_argument("-o", "--output", metavar="FILE",
@@ -69,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="energy thresholds for the energy rank and the rank recommendation (default: 0.9 0.99)")
     analyze.add_argument("--alpha", type=_finite_float, metavar="ALPHA",
                          help="LoRA alpha to assume where the file does not record it (else scale is reported unknown)")
+    _add_dora_direction(analyze)
     analyze.add_argument("--weight-k", type=_positive_int, default=64, metavar="K",
                          help="with --base: top-K singular vectors of W for φ against W (default: 64)")
     intruders = analyze.add_mutually_exclusive_group()
@@ -95,9 +100,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     compare.add_argument("adapter_a", metavar="ADAPTER_A")
     compare.add_argument("adapter_b", metavar="ADAPTER_B")
-    compare.add_argument("--basis", choices=BASIS_KINDS, default="A",
+    compare.add_argument("--basis", choices=BASIS_KINDS, default=None,
                          help="A: right-singular vectors of A (paper default); B: left of B; "
-                              "dW-left / dW-right: of ΔW (default: A)")
+                              "dW-left / dW-right: of ΔW (default: A, and dW-right for pairs whose update "
+                              "kind has no factor A, e.g. LoHa, LoKr, DoRA, each pair labelled)")
     compare.add_argument("--format", choices=COMPARE_FORMATS, default="text", help="report format (default: text)")
     compare.add_argument("-o", "--output", metavar="FILE",
                          help="write the report to FILE (atomically) instead of stdout; FILE's folder must exist")
@@ -106,6 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compare.add_argument("--top-k", type=_positive_int, metavar="K",
                          help="k of the mean over the top-k diagonal φ(i, i) (default: the smaller numerical rank)")
     _add_module_filter(compare)
+    _add_dora_direction(compare)
     compare.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda:0, ...")
     add_force_option(compare)
     add_common_options(compare)
@@ -113,23 +120,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from ..adapters import load_adapter
     from ..analysis import AnalysisOptions, analyze_adapter
     from ..report import analyze_report, render_report
 
     _check_outputs(args, {"-o": args.output}, [args.adapter, args.base])
-    adapter = load_adapter(args.adapter, alpha=args.alpha)
-    selected = _select(adapter, args.modules, args.adapter)
-    base, base_names = None, None
+    base = None
     if args.base:
         from ..base_weights import BaseWeights
 
         base = BaseWeights(args.base)
-        base_names = {name: base.resolve(name) for name in selected}  # fail before the long work
+    adapter = _load(args.adapter, args, base.tensor_shapes if base else None, alpha=args.alpha, with_base=base is not None)
+    selected = _select(adapter, args.modules, args.adapter)
+    base_names = None
+    if base is not None:  # fail before the long work
+        infos = {name: selected.info(name) for name in selected}
+        base_names = {name: base.resolve(name, i.component, i.storage.weight_suffix) for name, i in infos.items()}
     _progress(args, f"analyzing {len(selected)} module(s) of {args.adapter}")
     options = AnalysisOptions(
         taus=sorted(set(args.tau)), weight_k=args.weight_k, intruders=args.intruders, intruder_k=args.intruder_k,
-        intruder_epsilon=args.intruder_epsilon, device=args.device,
+        intruder_epsilon=args.intruder_epsilon, device=args.device, keep_vectors=False,
     )
     analysis = analyze_adapter(selected, base, options, progress=not args.quiet)
     report = analyze_report(
@@ -142,8 +151,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from ..adapters import load_adapter
-    from ..analysis import adapter_spectra, compare_adapters, match_module_names
+    from ..analysis import adapter_notes, adapter_spectra, compare_adapters, match_module_names
     from ..report import compare_report, render_report
 
     if args.plot:
@@ -151,13 +159,14 @@ def run_compare(args: argparse.Namespace) -> int:
 
         figure_format(args.plot)  # a bad extension fails before the work
     _check_outputs(args, {"-o": args.output, "--plot": args.plot}, [args.adapter_a, args.adapter_b])
-    adapter_a = _select(load_adapter(args.adapter_a), args.modules, args.adapter_a)
-    adapter_b = _select(load_adapter(args.adapter_b), args.modules, args.adapter_b)
+    adapter_a = _select(_load(args.adapter_a, args), args.modules, args.adapter_a)
+    adapter_b = _select(_load(args.adapter_b, args), args.modules, args.adapter_b)
     match_module_names(list(adapter_a.modules), list(adapter_b.modules), (args.adapter_a, args.adapter_b))  # before the work
     spectra_a, spectra_b = (adapter_spectra(x, progress=not args.quiet, device=args.device) for x in (adapter_a, adapter_b))
-    comparison = compare_adapters(spectra_a, spectra_b, basis=args.basis, top_k=args.top_k,
-                                  sources=(args.adapter_a, args.adapter_b))
-    report = compare_report(comparison, adapter_a, adapter_b, top_k=args.top_k, patterns=args.modules)
+    comparison = compare_adapters(spectra_a, spectra_b, basis=args.basis or "A", top_k=args.top_k,
+                                  fallback=args.basis is None, sources=(args.adapter_a, args.adapter_b))
+    notes = [f"{label}: {note}" for label, x in (("A", adapter_a), ("B", adapter_b)) for note in adapter_notes(x)]
+    report = compare_report(comparison, adapter_a, adapter_b, top_k=args.top_k, patterns=args.modules, notes=notes)
     if not report["pairs"]:
         raise LoraAnalysisError(f"{shown(args.adapter_a)} and {shown(args.adapter_b)}: no module in common "
                                 f"(A has e.g. {_examples(report['only_in_a'])}; B has e.g. {_examples(report['only_in_b'])})")
@@ -168,6 +177,23 @@ def run_compare(args: argparse.Namespace) -> int:
         _write(args.plot, figure_bytes(compare_figure(report), figure_format(args.plot)), args)
     _emit(render_report(report, args.format), args)
     return 0
+
+
+def _load(path: str, args: argparse.Namespace, weight_shapes: dict | None = None, alpha: float | None = None,
+          with_base: bool = False) -> Adapter:
+    """The adapter at `path`, its modules streamed from the file; DoRA modules need base weights
+    or --dora-direction (refused here, before any work)."""
+    from ..adapters import load_adapter
+
+    adapter = load_adapter(path, alpha=alpha, lazy=True, weight_shapes=weight_shapes)
+    if args.dora_direction:
+        return adapter.dora_directions()
+    dora = [name for name in adapter.modules if adapter.info(name).kind == "dora"]
+    if dora and not with_base:
+        raise LoraAnalysisError(
+            f"{shown(path)}: {len(dora)} DoRA module(s) (e.g. {shown(dora[0])}): ΔW = diag(m/‖W₀ + sBA‖)(W₀ + sBA) − W₀ needs the "
+            "base weights (--base, analyze only); --dora-direction analyses the direction update s·B·A alone instead")
+    return adapter
 
 
 def _select(adapter: Adapter, patterns: list[str] | None, path: str) -> Adapter:
@@ -220,6 +246,12 @@ def _progress(args: argparse.Namespace, message: str) -> None:
 def _examples(names: list[str], n: int = 3) -> str:
     """A few names for a message (escaped and cut short: they come from files)."""
     return ", ".join(shown(name, 60) for name in names[:n]) + (", ..." if len(names) > n else "") if names else "none"
+
+
+def _add_dora_direction(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dora-direction", action="store_true",
+                        help="analyse DoRA modules as their direction update s·B·A alone (magnitudes ignored; every "
+                             "output says so) instead of refusing them without base weights")
 
 
 def _add_module_filter(parser: argparse.ArgumentParser) -> None:

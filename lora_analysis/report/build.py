@@ -31,7 +31,7 @@ from .types import (
 )
 
 if TYPE_CHECKING:
-    from ..adapters import Adapter, LoraModule
+    from ..adapters import Adapter, UpdateInfo
     from ..analysis import AdapterAnalysis, AdapterComparison, ModuleAnalysis
 
 SCHEMA_VERSION = "2.0"
@@ -54,6 +54,7 @@ def adapter_info(adapter: "Adapter") -> AdapterInfo:
         "base_model_name_or_path": adapter.config.base_model_name_or_path,
         "num_modules": len(adapter),
         "alpha_known": adapter.alpha_known,
+        "kinds": adapter.kinds,
     }
 
 
@@ -77,7 +78,7 @@ def analyze_report(
     layers = layer_labels(list(analysis.modules))
     base_names = base_names or {}
     entries = {
-        name: module_entry(name, adapter[name], analysis.modules[name], taus, layers[name], base_names.get(name, name))
+        name: module_entry(name, adapter.info(name), analysis.modules[name], taus, layers[name], base_names.get(name, name))
         for name in sorted(analysis.modules, key=model_order)
     }
     shown = entries
@@ -111,21 +112,29 @@ def analyze_report(
     }
 
 
-def module_entry(name: str, module: "LoraModule", result: "ModuleAnalysis", taus: Sequence[float],
+def module_entry(name: str, info: "UpdateInfo", result: "ModuleAnalysis", taus: Sequence[float],
                  layer: str | None, base_name: str) -> ModuleReport:
-    """`schema.json#/$defs/module_report` of one module from its factors and analysis."""
+    """`schema.json#/$defs/module_report` of one module from its update's info and analysis.
+
+    Recommended rank k at τ: a LoRA of rank k keeps that share of ΔW's energy (Eckart–Young),
+    with k·(d_in + d_out) parameters; the saving is against the update's own parameters (so it
+    is negative where the update is smaller than that LoRA, as LoKr's often are)."""
     metrics = result.metrics
     energy_rank = {tau_key(t): int(metrics.energy_rank[t]) for t in taus}
+    d_out, d_in = info.shape
     return {
-        "shape": [module.d_out, module.d_in],
-        "r": module.r,
-        "alpha": _number(module.alpha),
-        "scale": module.scale if module.alpha_known else None,
-        "use_rslora": module.use_rslora,
-        "fan_in_fan_out": module.fan_in_fan_out,
+        "kind": info.kind,
+        "component": info.component,
+        "storage": info.storage.describe(),
+        "shape": [d_out, d_in],
+        "r": info.r,
+        "alpha": _number(info.alpha),
+        "scale": info.scale,
+        "use_rslora": info.use_rslora,
+        "fan_in_fan_out": info.storage.transposed is True,
         "layer": layer,
         "projection": projection_type(name),
-        "parameters": module.r * (module.d_in + module.d_out),
+        "parameters": info.parameters,
         "frobenius_norm": metrics.frobenius,
         "sigma_max": metrics.sigma_max,
         "stable_rank": metrics.stable_rank,
@@ -134,7 +143,7 @@ def module_entry(name: str, module: "LoraModule", result: "ModuleAnalysis", taus
         "energy_rank": energy_rank,
         "numerical_rank": int(metrics.numerical_rank),
         "recommended_rank": energy_rank,
-        "parameter_saving": {k: (module.r - v) * (module.d_in + module.d_out) for k, v in energy_rank.items()},
+        "parameter_saving": {k: info.parameters - v * (d_in + d_out) for k, v in energy_rank.items()},
         "singular_values": [float(s) for s in result.spectrum.S],
         "base": base_entry(result, base_name),
     }
@@ -177,16 +186,18 @@ def compare_report(
     *,
     top_k: int | None = None,
     patterns: Sequence[str] | None = None,
+    notes: Sequence[str] | None = None,
 ) -> CompareReport:
-    """The `compare` report: per module pair the full φ grid, summary numbers, chance level."""
+    """The `compare` report: per module pair the full φ grid, summary numbers, chance level.
+    `notes`: caveats of the adapters (unknown α, how their formats were read)."""
     pairs: dict[str, ModulePair] = {}
     for name_a, c in comparison.modules.items():
         name_b = comparison.matched[name_a]
         pairs[name_a] = {
             "module_a": name_a,
             "module_b": name_b,
-            "r_a": adapter_a[name_a].r,
-            "r_b": adapter_b[name_b].r,
+            "r_a": adapter_a.info(name_a).r,
+            "r_b": adapter_b.info(name_b).r,
             "basis": c.basis,
             **phi_grid(c.grid, c.dim, c.top_k),
             "phi_1_1": _number(c.phi_11),
@@ -199,12 +210,23 @@ def compare_report(
         "kind": "compare",
         "generator": generator(),
         "basis": comparison.basis,
+        "notes": list(notes or []) + _basis_note(pairs, comparison.basis),
         "adapters": {"a": adapter_info(adapter_a), "b": adapter_info(adapter_b)},
         "settings": {"top_k": top_k, "modules": list(patterns) if patterns else None},
         "pairs": pairs,
         "only_in_a": list(comparison.only_in_a),
         "only_in_b": list(comparison.only_in_b),
     }
+
+
+def _basis_note(pairs: Mapping[str, ModulePair], asked: str) -> list[str]:
+    other = sorted({p["basis"] for p in pairs.values() if p["basis"] != asked})
+    if not other:
+        return []
+    count = sum(p["basis"] != asked for p in pairs.values())
+    return [f"{count} module pair(s) compared in basis {' / '.join(other)}: their update kind (LoHa, LoKr, DoRA, "
+            f"dense, fused experts) has no factor {asked}; dW-right / dW-left are ΔW's own singular vectors "
+            "of the same space"]
 
 
 def _zero_note(entries: Mapping[str, ModuleReport]) -> list[str]:

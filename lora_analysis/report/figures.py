@@ -20,4 +20,8 @@ def compare_figure(report: CompareReport, *, reference: bool = True) -> Figure:
         first = next(iter(pairs.values()))
         n_i, n_j = len(first["phi"]), len(first["phi"][0]) if first["phi"] else 0
         grid = random_reference_grid(first["dim"], n_i, n_j)
-    return plots.compare_figure(report, reference=grid, prefix=common_prefix(list(pairs)))
+    other = sorted({p["basis"] for p in pairs.values()} - {report["basis"]})
+    labelled = dict(report)  # the title names every basis the panels use
+    if other:
+        labelled["basis"] = f"{report['basis']} ({', '.join(other)} for kinds without factor {report['basis']})"
+    return plots.compare_figure(labelled, reference=grid, prefix=common_prefix(list(pairs)))

@@ -94,25 +94,33 @@ def _recommendation_table(recommendation: Sequence[Recommendation]) -> Table:
 
 
 def _module_table(report: AnalyzeReport, taus: Sequence[float]) -> Table:
+    modules = report["modules"]
+    components = any(m.get("component") for m in modules.values())
     columns = ["module", "shape", "r", "α", "scale", "‖ΔW‖_F", "σ₁", "stable rank", "Roy-Vetterli rank",
-               "energy eff. rank", *[f"r@{percent(t)}" for t in taus], "num. rank"]
+               "energy eff. rank", *[f"r@{percent(t)}" for t in taus], "num. rank", "kind"]
+    columns += ["component"] if components else []
     rows = []
-    for name, m in report["modules"].items():
-        rows.append([
+    for name, m in modules.items():
+        row = [
             name, "×".join(map(str, m["shape"])), fmt(m["r"]),
             fmt(m["alpha"]) if m["alpha"] is not None else "unknown",
             fmt(m["scale"]) if m["scale"] is not None else "unknown",
             fmt(m["frobenius_norm"]), fmt(m["sigma_max"]), fmt(m["stable_rank"], 3),
             fmt(m["roy_vetterli_rank"], 3), fmt(m["energy_effective_rank"], 3),
             *[fmt(m["recommended_rank"][tau_key(t)]) for t in taus], fmt(m["numerical_rank"]),
-        ])
+            m["kind"] + (f" ({m['storage']})" if m["storage"] else ""),
+        ]
+        rows.append(row + ([m.get("component") or MISSING] if components else []))
     settings, adapter = report["settings"], report["adapter"]
     title = "Modules"
     if settings["top"] is not None and settings["top"] < adapter["num_analyzed"]:
         title += f" (top {len(rows)} of {adapter['num_analyzed']} by ‖ΔW‖_F)"
     notes = ["r@τ: recommended rank, the smallest k with Σ_{i≤k}σ² ≥ τ·Σσ²; stable rank Σσ²/σ₁²; "
-             "Roy-Vetterli rank exp(H(σ/Σσ)); energy eff. rank exp(H(σ²/Σσ²))"]
-    return Table(title, columns, rows, [False, False] + [True] * (len(columns) - 2), notes)
+             "Roy-Vetterli rank exp(H(σ/Σσ)); energy eff. rank exp(H(σ²/Σσ²))",
+             "kind: how ΔW is made from the file's tensors (lora s·B·A, adalora, tucker, loha, lokr, dora, "
+             "dora-direction, dense); shape [d_out, d_in], conv kernels flattened per output channel"]
+    numeric = [False, False] + [True] * (len(columns) - 2 - 1 - int(components)) + [False] * (1 + int(components))
+    return Table(title, columns, rows, numeric, notes)
 
 
 def _base_table(report: AnalyzeReport) -> Table:
@@ -160,6 +168,8 @@ def compare_tables(report: CompareReport) -> list[Table]:
     top_k = report["settings"]["top_k"]
     columns = ["module", "r_a", "r_b", "d", "φ(1,1)", "chance", "mean φ(i,i) i≤k", "chance",
                "k", "smallest angle°", "largest angle°"]
+    mixed = any(p["basis"] != report["basis"] for p in report["pairs"].values())
+    columns += ["basis"] if mixed else []
     rows = []
     for name, p in report["pairs"].items():
         angles = p["principal_angles_deg"]
@@ -168,14 +178,14 @@ def compare_tables(report: CompareReport) -> list[Table]:
             fmt(p["r_a"]), fmt(p["r_b"]), fmt(p["dim"]), fmt(p["phi_1_1"], 3), fmt(p["chance"]["phi_1_1"], 2),
             fmt(p["mean_top_k_diagonal"], 3), fmt(p["chance"].get("mean_top_k_diagonal"), 2), fmt(p["top_k"]),
             fmt(angles[0] if angles else None, 3), fmt(angles[-1] if angles else None, 3),
-        ])
+        ] + ([p["basis"]] if mixed else []))
     notes = [
         f"basis {report['basis']}: {BASIS_DESCRIPTIONS[report['basis']]}; φ(i, j) = ‖U_iᵀ V_j‖²_F / min(i, j) (paper Eq. 4)",
         (f"k = min({top_k}, numerical ranks)" if top_k else "k = the smaller numerical rank")
         + "; chance = expected φ of independent random subspaces, max(i, j)/d",
     ]
     tables = [Table("Subspace similarity φ per module", columns, rows,
-                    [False] + [True] * (len(columns) - 1), notes)]
+                    [False] + [True] * (len(columns) - 1 - int(mixed)) + [False] * int(mixed), notes)]
     unmatched = [[name, "A only"] for name in report["only_in_a"]] + [[name, "B only"] for name in report["only_in_b"]]
     if unmatched:
         tables.append(Table("Modules in one adapter only", ["module", "present in"], unmatched, [False, False]))
@@ -243,15 +253,20 @@ def analyze_header(report: AnalyzeReport) -> list[str]:
     selected = f"{adapter['num_analyzed']} of {adapter['num_modules']}" if adapter["num_analyzed"] != adapter["num_modules"] else str(adapter["num_modules"])
     lines.append(f"modules: {selected}" + (f" (matching {', '.join(settings['modules'])})" if settings["modules"] else "")
                  + f"; LoRA parameters: {fmt(adapter['num_parameters'])}")
+    lines.append("update kinds: " + _kinds(adapter["kinds"]))
     if report["base"] is not None:
         lines.append(f"base weights: {report['base']['path']}")
     return lines + [f"note: {note}" for note in report["notes"]]
 
 
+def _kinds(kinds: dict[str, int]) -> str:
+    return ", ".join(f"{kind} ×{count}" for kind, count in kinds.items()) or "none"
+
+
 def compare_header(report: CompareReport) -> list[str]:
     a, b = report["adapters"]["a"], report["adapters"]["b"]
     return [
-        f"A: {a['path']} ({a['format'] or 'unknown format'}, {a['num_modules']} modules)",
-        f"B: {b['path']} ({b['format'] or 'unknown format'}, {b['num_modules']} modules)",
+        f"A: {a['path']} ({a['format'] or 'unknown format'}, {a['num_modules']} modules: {_kinds(a['kinds'])})",
+        f"B: {b['path']} ({b['format'] or 'unknown format'}, {b['num_modules']} modules: {_kinds(b['kinds'])})",
         f"basis: {report['basis']}, the {BASIS_DESCRIPTIONS[report['basis']]}; {len(report['pairs'])} module pairs compared",
-    ]
+    ] + [f"note: {note}" for note in report["notes"]]

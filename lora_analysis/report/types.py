@@ -24,6 +24,7 @@ class AdapterInfo(TypedDict):
     base_model_name_or_path: str | None
     num_modules: int
     alpha_known: bool
+    kinds: dict[str, int]
 
 
 class AnalyzedAdapterInfo(AdapterInfo):
@@ -98,10 +99,13 @@ class BaseReport(TypedDict):
 
 
 class ModuleReport(TypedDict):
-    """`$defs/module_report`: one module's factors, spectrum and rank metrics."""
+    """`$defs/module_report`: one module's update, spectrum and rank metrics."""
 
+    kind: str
+    component: str | None
+    storage: str
     shape: list[int]
-    r: int
+    r: int | None
     alpha: float | None
     scale: float | None
     use_rslora: bool
@@ -187,8 +191,8 @@ class ModulePair(PhiGrid):
 
     module_a: str
     module_b: str
-    r_a: int
-    r_b: int
+    r_a: int | None
+    r_b: int | None
     basis: BasisKind
     phi_1_1: float | None
     top_k: int
@@ -217,6 +221,7 @@ class CompareReport(_NullReasons):
     kind: Literal["compare"]
     generator: str
     basis: BasisKind
+    notes: list[str]
     adapters: CompareAdapters
     settings: CompareSettings
     pairs: dict[str, ModulePair]
