@@ -148,12 +148,32 @@ def _no_constant(token: str) -> Any:
 # ----------------------------------------------------------------------------- the oracle
 
 
+# kohya's lora-name prefixes (sd-scripts' LoRANetwork, LyCORIS's wrapper) → pipeline component
+KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
+                  ("lora_te3_", "text_encoder_3"), ("lora_te_", "text_encoder"), ("lycoris_", "model"))
+
+
 @dataclass
 class Prediction:
     """What a correct reader must report: module name → singular values (float64, descending)
-    of ΔW = s·B·A with s from the recorded α (1 where it is unknown)."""
+    of ΔW = s·B·A with s from the recorded α (1 where it is unknown).
+
+    kohya: names are keyed `component:mangled path` — a kohya lora name writes the path's "."
+    as "_", which only a table of module words undoes; the oracle compares the mangled forms
+    (`report_key` mangles the report's name the same way) and leaves the table to the reader's
+    own tests."""
 
     singular_values: dict[str, np.ndarray] = field(default_factory=dict)
+    kohya: bool = False
+
+    def report_key(self, name: str, module: dict) -> str:
+        if not self.kohya:
+            return name
+        component = module.get("component")
+        if component is None:
+            return f":{name}"
+        path = name.removeprefix(f"{component}/")
+        return f"{component}:{path.replace('.', '_')}"
 
 
 def predict(path: Path) -> Prediction | None:
@@ -176,7 +196,7 @@ def predict(path: Path) -> Prediction | None:
     if config is False:
         return None
     a_suffix, b_suffix = LAYOUTS[layout]
-    prediction = Prediction()
+    prediction = Prediction(kohya=layout == "kohya")
     names = {key[: -len(a_suffix)] for key in tensors if key.endswith(a_suffix)}
     if {key[: -len(b_suffix)] for key in tensors if key.endswith(b_suffix)} != names:
         return None
@@ -189,6 +209,10 @@ def predict(path: Path) -> Prediction | None:
         if not (np.isfinite(A).all() and np.isfinite(B).all()):
             return None
         name = raw_name.removeprefix(PEFT_PREFIX) if layout == "peft" else raw_name
+        if layout == "kohya":
+            name = _kohya_key(raw_name)
+            if name is None:
+                return None
         r = A.shape[0]
         scale = _scale(layout, raw_name, name, r, tensors, config)
         if scale is None:
@@ -197,6 +221,16 @@ def predict(path: Path) -> Prediction | None:
     if len(prediction.singular_values) != len(names):
         return None  # two raw names for one module
     return prediction
+
+
+def _kohya_key(raw: str) -> str | None:
+    """`component:mangled path` of a kohya lora name (see `Prediction`); None for names whose
+    mangled form the oracle cannot compare ("." or "/" inside a prefixed name)."""
+    for prefix, component in KOHYA_PREFIXES:
+        if raw.startswith(prefix) and len(raw) > len(prefix):
+            rest = raw[len(prefix):]
+            return None if "." in rest or "/" in rest else f"{component}:{rest}"
+    return f":{raw}"
 
 
 def _layout(tensors: dict[str, Any]) -> str | None:
@@ -244,10 +278,11 @@ def _scale(layout: str, raw_name: str, name: str, r: int, tensors: dict, config:
     if layout == "kohya":
         alpha = tensors.get(raw_name + ".alpha")
         if alpha is None:
-            return 1.0
+            return 1.0  # sd-scripts: no alpha means α = r
         if alpha.size != 1 or not np.isfinite(alpha).all():
             return None
-        return float(alpha.reshape(())) / r
+        value = float(alpha.reshape(()))
+        return 1.0 if value == 0 else value / r  # sd-scripts: α = 0 means α = r too
     if config is None or name in config.get("_alpha_unknown", ()):
         return 1.0  # α unknown: the report uses s = 1 and says so
     try:
@@ -291,6 +326,7 @@ def check_report(report: dict, prediction: Prediction | None, rtol: float = 2e-4
     problems = []
     reasons = report.get("null_reasons", {})
     for name, m in report["modules"].items():
+        key = prediction.report_key(name, m) if prediction is not None else name
         sv = m["singular_values"]
         if any(s is None for s in sv):
             if not all(f"/modules/{_token(name)}/singular_values/{i}" in reasons for i, s in enumerate(sv) if s is None):
@@ -299,14 +335,14 @@ def check_report(report: dict, prediction: Prediction | None, rtol: float = 2e-4
         if any(s < 0 for s in sv) or any(x < y for x, y in zip(sv, sv[1:])):
             problems.append(f"{name}: singular values not descending and non-negative: {sv}")
         if prediction is not None:
-            expected = prediction.singular_values.get(name)
+            expected = prediction.singular_values.get(key)
             if expected is None:
                 problems.append(f"{name}: reported, but the oracle finds no such module ({sorted(prediction.singular_values)[:3]})")
                 continue
             problems += _compare_values(name, np.asarray(sv, dtype=float), expected, rtol)
             problems += _compare_metrics(name, m, expected, reasons, rtol)
     if prediction is not None:
-        missing = set(prediction.singular_values) - set(report["modules"])
+        missing = set(prediction.singular_values) - {prediction.report_key(n, m) for n, m in report["modules"].items()}
         if missing and report["adapter"]["num_analyzed"] == report["adapter"]["num_modules"]:
             problems.append(f"modules the oracle finds but the report lacks: {sorted(missing)[:3]}")
     return problems
