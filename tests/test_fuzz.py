@@ -178,7 +178,8 @@ def byte_mutation(draw) -> dict:
 def weights_file(path: Path) -> Path:
     if path.is_file():
         return path
-    return next(p for p in (path / "adapter_model.safetensors", path / "adapter_model.bin") if p.exists())
+    return next(p for p in (path / "adapter_model.safetensors", path / "adapter_model.bin", path / "adapter_model.pt")
+                if p.exists())
 
 
 def apply_config_mutation(path: Path, mutation: dict) -> None:
@@ -289,7 +290,7 @@ def fresh_seed(root: Path, seed: str) -> Path:
 # ----------------------------------------------------------------------------- the tests
 
 FIXTURE_SEEDS = [s for s in SEEDS if s.startswith("fixture:")]
-SAFETENSORS_SEEDS = [s for s in SEEDS if s != "loralib_pt"]
+SAFETENSORS_SEEDS = [s for s in SEEDS if s not in ("loralib_pt", "fixture:torchtune_lora")]
 CONFIG_SEEDS = ["peft_dir", "peft_file", "fixture:peft_lora_linear", "fixture:peft_rslora_patterns"]
 
 
@@ -327,15 +328,20 @@ def test_byte_mutants(seed, mutation, workdir):
     check_mutant(path, f"{seed} bytes {mutation}")
 
 
+def figure_hazard(name: str) -> bool:
+    """A name that could break a figure: mathtext ($), control characters, a huge label."""
+    return "$" in name or not name.isprintable() or len(name) > 1000
+
+
 @pytest.mark.parametrize("name", [n for n in WEIRD_NAMES if "\n" not in n])
 def test_weird_names_render_in_every_format(workdir, name):
     """Module names are data: mathtext, terminal escapes, bidi overrides, 3000 characters go
-    through JSON, text, markdown and HTML (figures included) at exit 0, and no warning carries
-    them raw."""
+    through JSON, text, markdown and (names that could break a figure: HTML rendering is the
+    slow part) HTML with its figures at exit 0, and no warning carries them raw."""
     path = make_seed("peft_dir", workdir / f"names-{WEIRD_NAMES.index(name)}")
     apply_tensor_mutation(path, {"kind": "rename", "index": 0, "name": name, "dtype": "F32", "exponent": 0,
                                  "value": 0.0, "shape": "add"})
-    for fmt in ("json", "text", "markdown", "html"):
+    for fmt in ("json", "text", "markdown", "html") if figure_hazard(name) else ("json", "text", "markdown"):
         code, out, err = run_cli(["analyze", str(path), "--format", fmt, "--quiet"])
         assert code == 0 and "\x1b" not in err and "\u202e" not in err, err
         assert not contract_problems(code, out, err, path, fmt, predict(path))
