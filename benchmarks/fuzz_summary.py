@@ -12,7 +12,19 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import sys
+
+
+def mutation_kind(description: str) -> str:
+    """"config:<field>", "tensors:<kind>", "bytes:<kind>" or "seed" from a mutant's description
+    ("<seed> <family> {mutation}" as tests/test_fuzz.py logs it)."""
+    parts = description.split(" ", 2)
+    if parts[0] == "seed" or len(parts) < 3:
+        return "seed"
+    family, rest = parts[1], parts[2]
+    found = re.search(r"'field': '(\w+)'" if family == "config" else r"'kind': '(\w+)'", rest)
+    return f"{family}:{found.group(1) if found else '?'}"
 
 
 def main(path: str) -> int:
@@ -26,6 +38,15 @@ def main(path: str) -> int:
     print(f"exit 0 checked against the float64 oracle: {sum(r['oracle'] and r['exit'][0] == 0 for r in rows)}; "
           f"self-consistency only: {sum(not r['oracle'] and r['exit'][0] == 0 for r in rows)}")
     print(f"by seed: {dict(seeds)}")
+    kinds: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for row in rows:
+        outcome = "problem" if row["problems"] else (
+            "exit 0 = oracle" if row["oracle"] and row["exit"][0] == 0 else
+            "exit 0 self-consistent" if row["exit"][0] == 0 else f"exit {row['exit'][0]}")
+        kinds[mutation_kind(row["mutant"])][outcome] += 1
+    print("by mutation kind:")
+    for kind, outcomes in sorted(kinds.items()):
+        print(f"  {kind}: {sum(outcomes.values())} ({', '.join(f'{k}: {v}' for k, v in sorted(outcomes.items()))})")
     print(f"slowest mutant: {slowest['seconds']:.2f} s; peak RSS: {max(r['peak_rss_mb'] for r in rows)} MB")
     print(f"problems: {len(problems)}")
     for row in problems:

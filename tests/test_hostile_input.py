@@ -137,3 +137,30 @@ def test_non_finite_alpha_option_is_a_usage_error(tmp_path, capfd):
             main(["analyze", str(folder), "--alpha", value])
         assert exit_.value.code == 2
     capfd.readouterr()
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "formats"
+
+
+@pytest.mark.parametrize("fixture, weights", [("peft_loha", "adapter_model.safetensors"),
+                                              ("peft_lokr", "adapter_model.safetensors"),
+                                              ("lycoris_loha", "lycoris.safetensors"),
+                                              ("lycoris_lokr", "lycoris.safetensors"),
+                                              ("lycoris_locon", "lycoris.safetensors")])
+def test_empty_or_scalar_factors_are_refused(tmp_path, capfd, fixture, weights):
+    """Found by the fuzz campaign: an empty hada_w1_b made `reshape(0, -1)` raise, a 0-dim
+    kohya lora_down `shape[0]` (exit 1). Every factor of one module, emptied or made 0-dim, is
+    refused in one line naming the file."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(FIXTURES / fixture, tmp_path / "seed")
+    tensors = load_file(tmp_path / "seed" / weights)
+    first = sorted(k for k in tensors if any(m in k for m in (".hada_", ".lokr_", ".lora_down", ".lora_up")))[0]
+    module = first[: min(first.index(m) for m in (".hada_", ".lokr_", ".lora_down", ".lora_up") if m in first)]
+    for key in sorted(k for k in tensors if k.startswith(module + ".") and not k.endswith(".alpha")):
+        for broken in (torch.zeros(0), torch.tensor(1.0)):
+            save_file({**tensors, key: broken}, tmp_path / "seed" / weights)
+            target = tmp_path / "seed" if weights.startswith("adapter_model") else tmp_path / "seed" / weights
+            refused(["analyze", str(target)], capfd, str(tmp_path / "seed"))

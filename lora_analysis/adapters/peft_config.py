@@ -175,7 +175,8 @@ def peft_settings(data: Any, path: str | os.PathLike) -> PeftSettings:
           "a list of parameter names")
     check("modules_to_save", data.get("modules_to_save") is None or is_names(data.get("modules_to_save")),
           "a list of names")
-    for field in ("rank_pattern", "alpha_pattern"):
+    regex_fields = ("alpha_pattern",) if peft_type == "ADALORA" else ("rank_pattern", "alpha_pattern")  # AdaLoRA's: masks by name
+    for field in regex_fields:
         for key in data.get(field) or {}:
             try:
                 check_pattern_keys([key])
