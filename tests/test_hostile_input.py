@@ -164,3 +164,11 @@ def test_empty_or_scalar_factors_are_refused(tmp_path, capfd, fixture, weights):
             save_file({**tensors, key: broken}, tmp_path / "seed" / weights)
             target = tmp_path / "seed" if weights.startswith("adapter_model") else tmp_path / "seed" / weights
             refused(["analyze", str(target)], capfd, str(tmp_path / "seed"))
+
+
+def test_a_name_a_pattern_cannot_match_exactly_is_refused_naming_the_file(tmp_path, capfd):
+    """Python's `$` (PEFT's rule) also matches before a final line break, RE2's does not: such
+    a name against a config pattern is refused (exit 2, the file named), never matched wrongly."""
+    folder = peft_dir(tmp_path / "a", ["layers.0.q\n"],
+                      config='{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "alpha_pattern": {"q": 8}}')
+    refused(["analyze", str(folder)], capfd, str(folder), "config pattern", "line break")
