@@ -200,6 +200,9 @@ def predict(path: Path) -> Prediction | None:
         return None
     if _is_lycoris(tensors):
         return _predict_lycoris(tensors)
+    if _is_peft_lycoris(tensors):
+        config = _config(path, weights, parsed, peft_types=("LOHA", "LOKR"))
+        return _predict_lycoris(tensors, config) if config else None
     layout = _layout(tensors)
     if layout is None:
         return None
@@ -238,42 +241,69 @@ LOHA = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b")
 LOKR = (".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b")
 
 
+def _is_peft_lycoris(tensors: dict[str, Any]) -> bool:
+    """A PEFT LoHa/LoKr file the oracle reads: every key a prefixed LoHa/LoKr factor."""
+    return bool(tensors) and all(k.startswith(PEFT_PREFIX) and k.endswith(LOHA + LOKR) for k in tensors)
+
+
 def _is_lycoris(tensors: dict[str, Any]) -> bool:
     """A LyCORIS LoHa/LoKr file the oracle reads: every key a LoHa/LoKr factor or an α."""
     return (any(k.endswith(LOHA + LOKR) for k in tensors) and not any(k.startswith(PEFT_PREFIX) for k in tensors)
             and all(k.endswith(LOHA + LOKR + (".alpha",)) for k in tensors))
 
 
-def _predict_lycoris(tensors: dict[str, np.ndarray]) -> Prediction | None:
-    """σ of LyCORIS's own ΔW definitions, formed in float64 (fixtures are small):
+def _predict_lycoris(tensors: dict[str, np.ndarray], peft_config: dict | None = None) -> Prediction | None:
+    """σ of LyCORIS's and PEFT's own ΔW definitions, formed in float64 (fixtures are small):
 
-        LoHa  ΔW = (w1_a·w1_b) ⊙ (w2_a·w2_b) · α/r,  r = the factors' rank
-        LoKr  ΔW = w1 ⊗ w2 · α/r  (w = w_a·w_b where factored; r their rank; s = 1 when both are full)
+        LoHa  ΔW = (w1_a·w1_b) ⊙ (w2_a·w2_b) · s
+        LoKr  ΔW = w1 ⊗ w2 · s  (w = w_a·w_b where factored)
 
-    α missing or 0 means α = r. Conv factors are flattened per output channel first: σ does not
-    depend on the order of the flattened columns."""
+    LyCORIS (kohya keys, `.alpha`): s = α/r with r the factored sides' rank, s = 1 for a LoKr
+    with two full sides; α missing or 0 means α = r. PEFT (`peft_config`): s = α/r with the
+    config's `alpha` and `r` (and patterns), whatever the factors (LoKr's full sides too); a
+    factored side's rank must be that r. Conv factors are flattened per output channel first:
+    σ does not depend on the order of the flattened columns."""
     groups: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         raw, _, role = key.rpartition(".")
         groups.setdefault(raw, {})[role] = value
-    prediction = Prediction(kohya=True)
+    prediction = Prediction(kohya=peft_config is None)
     for raw, roles in groups.items():
-        name = _kohya_key(raw)
+        name = _kohya_key(raw) if peft_config is None else raw.removeprefix(PEFT_PREFIX)
         if name is None or name in prediction.singular_values:
             return None
         found = _lycoris_delta(roles)
         if found is None:
             return None
         delta, exponent, r = found
-        alpha = roles.get("alpha")
-        if alpha is not None and (alpha.size != 1 or not np.isfinite(alpha).all()):
-            return None
-        value = float(alpha.reshape(())) if alpha is not None else 0.0
-        scale = 1.0 if r is None or value == 0 else value / r
-        if not np.isfinite(delta).all():
+        scale = _lycoris_scale(roles, r) if peft_config is None else _peft_lycoris_scale(peft_config, name, r)
+        if scale is None or not np.isfinite(delta).all():
             return None
         prediction.singular_values[name] = _dense_singular_values(delta, exponent, scale)
     return prediction
+
+
+def _lycoris_scale(roles: dict[str, np.ndarray], r: int | None) -> float | None:
+    alpha = roles.get("alpha")
+    if alpha is not None and (alpha.size != 1 or not np.isfinite(alpha).all()):
+        return None
+    value = float(alpha.reshape(())) if alpha is not None else 0.0
+    return 1.0 if r is None or value == 0 else value / r
+
+
+def _peft_lycoris_scale(config: dict, name: str, r: int | None) -> float | None:
+    """PEFT LoHa/LoKr: s = alpha / r from the config (defaults r = alpha = 8, PEFT's)."""
+    if config.get("use_rslora") or name in config.get("_alpha_unknown", ()):
+        return None
+    try:
+        rank = _peft_value(config.get("rank_pattern") or {}, name, config.get("r", 8))
+        alpha = _peft_value(config.get("alpha_pattern") or {}, name, config.get("alpha", 8))
+    except re.error:
+        return None
+    numbers = [x for x in (rank, alpha) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)]
+    if len(numbers) != 2 or not isinstance(rank, int) or rank < 1 or (r is not None and r != rank):
+        return None
+    return alpha / rank
 
 
 def _lycoris_delta(roles: dict[str, np.ndarray]) -> tuple[np.ndarray, int, int | None] | None:
@@ -351,7 +381,7 @@ def _layout(tensors: dict[str, Any]) -> str | None:
     return found[0]
 
 
-def _config(path: Path, weights: Path, parsed: Safetensors) -> dict | None | bool:
+def _config(path: Path, weights: Path, parsed: Safetensors, peft_types: tuple[str, ...] = ("LORA",)) -> dict | None | bool:
     """The PEFT config that applies (None: none; False: one the oracle cannot read)."""
     beside = (path if path.is_dir() else path.parent) / "adapter_config.json"
     text = None
@@ -368,7 +398,7 @@ def _config(path: Path, weights: Path, parsed: Safetensors) -> dict | None | boo
         config = json.loads(text, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError, RecursionError, TypeError):
         return False
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") not in peft_types or config.get("use_dora"):
         return False
     unknown = (parsed.metadata or {}).get("alpha_unknown")
     if unknown is not None:
