@@ -130,7 +130,7 @@ def test_report_compare_figure_supplies_prefix_and_random_reference():
     and a random reference grid of the first pair's sizes (seeded: the same every time)."""
     from lora_analysis.report.figures import compare_figure
 
-    pair = {"phi": [[1.0, 0.5, 0.25], [0.5, 0.75, 0.5]], "dim": 16, "r_a": 2, "r_b": 3}
+    pair = {"phi": [[1.0, 0.5, 0.25], [0.5, 0.75, 0.5]], "dim": 16, "r_a": 2, "r_b": 3, "basis": "A"}
     report = {"basis": "A", "pairs": {"model.layers.0.q_proj": pair, "model.layers.1.q_proj": pair}}
     fig = compare_figure(report)
     panels = [ax for ax in fig.axes if ax.get_images() and ax.get_title()]
