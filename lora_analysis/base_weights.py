@@ -9,14 +9,16 @@ pretrained one, such as `lora.LoraLinear`, give their frozen base weight: see `W
 W is returned as (d_out, d_in), the `nn.Linear` orientation: GPT-2's Conv1D stores (d_in, d_out)
 and is transposed, and so is an embedding's (num_embeddings, dim); a conv kernel (c_out, c_in,
 kh, kw) is flattened per output channel, (c_out, c_in·kh·kw), as its updates are. For a file,
-the orientation of a non-square weight follows from its shape and the adapter module's
-(d_out, d_in); a square one follows the module's storage (`Storage.transposed`), and is
-refused where the adapter does not record it.
+the orientation follows the adapter module's own record (`Storage.transposed`: PEFT's
+`fan_in_fan_out` for Conv1D layers, embeddings), for an in-memory model the layer's type; a
+stored shape that disagrees is refused, never re-oriented to fit. Only where the adapter records
+no orientation (loralib) does a non-square shape decide; a square one is then refused.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -26,7 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .adapters import Update, UpdateInfo
-from .errors import InputFileError, LoraAnalysisError, ModuleResolutionError
+from .errors import InputFileError, LoraAnalysisError, ModuleResolutionError, shown, unpickling_refusal
 from .fileio import read_json
 from .naming import resolve_module_name
 
@@ -145,12 +147,12 @@ class BaseWeights:
         """
         info = module.info if isinstance(module, Update) else module
         if info is not None and info.storage.experts:
-            raise LoraAnalysisError(f"module {name}: analyses against the base weights of fused expert parameters "
+            raise LoraAnalysisError(f"module {shown(name)}: analyses against the base weights of fused expert parameters "
                                     "are not supported")
         key = self.resolve(name, info.component, info.storage.weight_suffix) if info else self.resolve(name)
         stored = self._read(key)
         if not torch.is_floating_point(stored) or not torch.isfinite(stored).all():
-            raise LoraAnalysisError(f"{self.source}: weight {key!r} is not finite floating point")
+            raise LoraAnalysisError(f"{self.source}: weight {shown(key)} is not finite floating point")
         if stored.ndim > 2:
             stored = stored.reshape(stored.shape[0], -1)
         transpose = self._is_transposed(key, stored.shape, info)
@@ -158,6 +160,10 @@ class BaseWeights:
         return W.to(device=self.device, dtype=self.dtype).contiguous()
 
     def _is_transposed(self, key: str, shape: torch.Size, info: UpdateInfo | None) -> bool:
+        """Whether W is stored as (d_in, d_out). Never guessed from the shape where it is
+        recorded: an in-memory layer's type says it (Conv1D, Embedding), for a file the adapter
+        module's own record (`Storage.transposed`, from PEFT's `fan_in_fan_out`); the stored
+        shape must then agree with it. Unrecorded (loralib): a non-square shape decides."""
         transposed: bool | None
         if key in self._modules:
             transposed = is_conv1d(self._modules[key]) or isinstance(self._modules[key], nn.Embedding)
@@ -167,23 +173,29 @@ class BaseWeights:
             transposed = info.storage.transposed
         if info is None:
             return bool(transposed)
-        expected = info.shape
-        reverse = (expected[1], expected[0])
-        if expected != reverse:  # non-square: the shape decides
-            if tuple(shape) == expected:
-                return False
-            if tuple(shape) == reverse:
-                return True
-        elif tuple(shape) == expected:
-            if transposed is None:
-                raise LoraAnalysisError(
-                    f"{self.source}: weight {key!r} is square and the adapter does not record whether ΔW is stored "
-                    "transposed (loralib): cannot orient it")
+        linear = info.shape
+        if transposed is None:
+            return self._unrecorded_orientation(key, shape, linear)
+        expected = linear[::-1] if transposed else linear
+        if tuple(shape) == expected:
             return transposed
-        raise LoraAnalysisError(
-            f"{self.source}: weight {key!r} has shape {tuple(shape)}, but the adapter module is "
-            f"(d_out, d_in) = {expected}"
-        )
+        layout = "(d_in, d_out), a Conv1D's layout" if transposed else "(d_out, d_in), nn.Linear's layout"
+        record = "its type" if key in self._modules else f"the adapter (fan_in_fan_out={str(transposed).lower()})"
+        problem = f"weight {shown(key)} is stored as {tuple(shape)}, but {record} says {layout}: {expected}"
+        if tuple(shape) == expected[::-1]:
+            problem += "; its orientation is never guessed from the shape (a Conv1D base needs fan_in_fan_out: true)"
+        raise InputFileError(self.source, problem)
+
+    def _unrecorded_orientation(self, key: str, shape: torch.Size, linear: tuple[int, int]) -> bool:
+        """Whether W is stored transposed, for an adapter that does not record it (loralib): a
+        non-square shape matches one orientation only; a square one cannot be told apart."""
+        if linear[0] != linear[1] and tuple(shape) in (linear, linear[::-1]):
+            return tuple(shape) != linear
+        if tuple(shape) == linear:
+            raise InputFileError(self.source, f"weight {shown(key)} is square and the adapter does not record whether "
+                                              "ΔW is stored transposed (loralib): cannot orient it")
+        raise InputFileError(self.source, f"weight {shown(key)} is stored as {tuple(shape)}, but the adapter module "
+                                          f"is (d_out, d_in) = {linear}")
 
     def _read(self, key: str) -> torch.Tensor:
         if key in self._modules:
@@ -202,7 +214,7 @@ class BaseWeights:
             inside = None
             if isinstance(module, WrappedLayer):
                 if module.merged:
-                    raise LoraAnalysisError(f"{self.source}: LoRA layer {name!r} is merged, so its weight is W + ΔW; unmerge it first")
+                    raise LoraAnalysisError(f"{self.source}: LoRA layer {shown(name)} is merged, so its weight is W + ΔW; unmerge it first")
                 inside = f"{name}." if name else ""
                 module = module.get_base_layer()
             weight = getattr(module, "weight", None)
@@ -226,16 +238,19 @@ class BaseWeights:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
         except Exception as e:  # noqa: BLE001 — safetensors raises several types for bad files
-            raise LoraAnalysisError(f"{path}: cannot read safetensors header ({e})") from None
+            raise InputFileError(path, f"cannot read safetensors header ({shown(e)})") from None
 
     def _bin(self, path: Path) -> dict[str, Any]:
         if path not in self._bin_cache:
             try:  # mmap: tensors are paged in when read, not all at load time
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # noqa: BLE001 — any unpickling failure is a bad file
-                raise LoraAnalysisError(f"{path}: cannot load as a weights-only PyTorch checkpoint ({type(e).__name__}: {e})") from None
+            except pickle.UnpicklingError as e:  # code or classes beyond tensors: never run
+                raise InputFileError(path, f"refused pickle: torch.load(weights_only=True) rejects it ({unpickling_refusal(e)})") from None
+            except Exception as e:  # noqa: BLE001 — any other loading failure is a bad file
+                problem = f"cannot load as a weights-only PyTorch checkpoint ({type(e).__name__}: {shown(str(e).split('. ')[0])})"
+                raise InputFileError(path, problem) from None
             if not isinstance(state, dict):
-                raise LoraAnalysisError(f"{path}: not a state dict (got {type(state).__name__})")
+                raise InputFileError(path, f"not a state dict (got {type(state).__name__})")
             self._bin_cache[path] = state
         return self._bin_cache[path]
 

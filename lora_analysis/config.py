@@ -8,9 +8,10 @@ Nothing here imports torch: the command line builds its parser from these names.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from .patterns import pattern_value  # PEFT's rank_pattern / alpha_pattern rule, in linear time
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -92,14 +93,6 @@ def from_known_fields(cls: type[T], data: dict[str, Any]) -> T:
     configs carry more than we model)."""
     known = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
-    """Value of the first pattern whose regex matches the end of `module_name` at a dot boundary."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?(?:{key})$", module_name):
-            return value
-    return default
 
 
 def matches_suffix(module_name: str, suffixes: list[str] | tuple[str, ...]) -> bool:

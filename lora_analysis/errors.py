@@ -34,11 +34,30 @@ class ModuleResolutionError(LoraAnalysisError):
     """A module name (adapter or base weights) that matches nothing, or matches ambiguously."""
 
 
-def shown(text: object, limit: int = MAX_SHOWN_CHARS) -> str:
-    """`text` safe for a one-line message: control characters escaped (as `repr` does, without
-    the quotes), cut to `limit` characters with an ellipsis saying how much was left out."""
+def escaped(text: object) -> str:
+    """`text` with every non-printable character (control characters, line breaks, terminal
+    escapes, bidirectional overrides) written as `repr` writes it, without the quotes: what
+    reports print for names taken from files, complete but unable to forge lines or colours."""
     text = str(text)
-    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    if len(escaped) <= limit:
-        return escaped
-    return f"{escaped[:limit]}… ({len(escaped) - limit} more characters)"
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def shown(text: object, limit: int = MAX_SHOWN_CHARS) -> str:
+    """`text` safe for a one-line message: `escaped`, then cut to `limit` characters with an
+    ellipsis saying how much was left out."""
+    text = escaped(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
+def unpickling_refusal(err: BaseException) -> str:
+    """The one useful line of torch's long `weights_only` error ("Unsupported global: GLOBAL
+    builtins.print"), never its advice to load with `weights_only=False` (that runs the file's
+    code)."""
+    for line in str(err).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return shown(line.split("WeightsUnpickler error:", 1)[1].split(" was not")[0].strip())
+    return type(err).__name__

@@ -45,8 +45,12 @@ _OWNED_TEMP = re.compile(r"^\..+\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]*)\.[A-Za-z
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`."""
+def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`.
+
+    overwrite=False: an existing `path` is never replaced, even one that appeared while the
+    caller wrote (`InputFileError`); the temp file is published with a no-clobber hard link.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}@{_host_tag()}.", suffix=TEMP_SUFFIX, dir=path.parent)
@@ -57,9 +61,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp_path, path)
+        if overwrite:
+            os.replace(tmp_path, path)
+        else:
+            _publish_new(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _publish_new(tmp: Path, path: Path) -> None:
+    """Give the finished temp file its name only if nothing has that name (atomic: link(2)
+    fails on an existing name); file systems without hard links get a check, then a rename."""
+    exists = InputFileError(path, "the file exists (it appeared while this command ran); pass --force to replace it")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise exists from None
+    except OSError:  # no hard links here (some network and FAT file systems)
+        if os.path.lexists(path):
+            raise exists from None
+        os.replace(tmp, path)
 
 
 def _umask() -> int:
@@ -198,18 +219,18 @@ def _describe_holder(data: bytes, path: Path) -> str:
         return "another process (not yet recorded who)"
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp_path)` and move the result onto `path` atomically."""
-    with atomic_path(path) as tmp:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], overwrite: bool = True) -> None:
+    """Call `write(tmp_path)` and move the result onto `path` atomically (see `atomic_path`)."""
+    with atomic_path(path, overwrite) as tmp:
         write(tmp)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), overwrite)
 
 
 def parse_json(text: str | bytes, path: str | os.PathLike, what: str,
@@ -249,3 +270,10 @@ def _float_range_int(text: str) -> int:
     if abs(value) > 2**1024 - 2**971:  # above float64's max it would become inf
         raise ValueError(f"integer {shown(text, 40)} is out of float64 range")
     return value
+
+
+def dumps_json(data: Any, **options: Any) -> str:
+    """`data` as strict RFC 8259 JSON: a NaN or an infinity raises ValueError instead of becoming
+    the bare `NaN` / `Infinity` tokens Python's `json` writes by default. Callers that may hold
+    non-finite numbers replace them first (`report.json_ready`)."""
+    return json.dumps(data, allow_nan=False, **options)

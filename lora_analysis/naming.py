@@ -25,7 +25,7 @@ import difflib
 import re
 from typing import Iterable
 
-from .errors import ModuleResolutionError
+from .errors import ModuleResolutionError, shown
 
 KNOWN_PREFIXES = ("base_model.model.", "bert.", "roberta.", "model.", "transformer.")
 
@@ -62,9 +62,10 @@ def resolve_module_name(name: str, candidates: Iterable[str], what: str = "model
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
-        raise ModuleResolutionError(f"module {name!r} is ambiguous in the {what}: matches {matches[:5]}")
+        raise ModuleResolutionError(f"module {shown(name)} is ambiguous in the {what}: matches {', '.join(shown(m, 80) for m in matches[:5])}")
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.0) if candidates else []
-    raise ModuleResolutionError(f"module {name!r} not found in the {what}; closest: {close}")
+    closest = ", ".join(shown(c, 80) for c in close) or "none"
+    raise ModuleResolutionError(f"module {shown(name)} not found in the {what}; closest: {closest}")
 
 
 _SEP = r"(?:^|[._])"

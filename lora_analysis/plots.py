@@ -7,6 +7,11 @@ of canvases. Inputs are plain arrays and numbers, so the functions re-plot JSON 
 φ grids follow the paper's convention: row i = top-i directions of the first subspace, column
 j = top-j of the second, φ(i, j) ∈ [0, 1] on a fixed 0–1 colour scale. Masked entries (NaN,
 directions beyond the numerical rank) are drawn in grey.
+
+Text arguments are matplotlib text, where `$...$` is mathtext markup (the reproduction's
+labels use it). Text that comes from data — module names, layer labels, paths — is never
+markup: callers pass it through `plain_text`, so a name such as `$\\frac$` is drawn as written
+instead of failing to parse or being typeset.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from .errors import LoraAnalysisError
+from .errors import LoraAnalysisError, escaped
 from .fileio import atomic_path
 
 PHI_CMAP = "viridis"
@@ -29,6 +34,12 @@ SPECTRUM_CMAP = "plasma"
 MASKED_COLOR = "0.82"
 FIGURE_FORMATS = ("png", "pdf", "svg")
 MAX_PIXELS = 8000  # cap on the longer side of a raster figure with many panels
+
+
+def plain_text(text: str) -> str:
+    """`text` drawn literally by matplotlib: control characters `escaped` (no font has glyphs
+    for them) and every `$` escaped, so no part of it is mathtext."""
+    return escaped(text).replace("$", r"\$")
 
 
 @dataclass
@@ -123,7 +134,7 @@ def compare_figure(report: Mapping, *, reference: np.ndarray | None = None, pref
     """
     pairs = report["pairs"]
     panels = [
-        PhiPanel(np.array(pair["phi"], dtype=float), title=name[len(prefix):], dim=pair["dim"],
+        PhiPanel(np.array(pair["phi"], dtype=float), title=plain_text(name[len(prefix):]), dim=pair["dim"],
                  xlabel=f"j (adapter B, r={pair['r_b']})", ylabel=f"i (adapter A, r={pair['r_a']})")
         for name, pair in pairs.items()
     ]
@@ -131,7 +142,7 @@ def compare_figure(report: Mapping, *, reference: np.ndarray | None = None, pref
         (n_i, n_j), dim = np.shape(reference), panels[0].dim
         panels.append(PhiPanel(np.asarray(reference, dtype=float), title=f"random subspaces (d={dim})",
                                xlabel=f"j (random, {n_j} dims)", ylabel=f"i (random, {n_i} dims)", dim=dim))
-    suptitle = f"Subspace similarity φ(i, j), basis {report['basis']}" + (f" — {prefix}*" if prefix else "")
+    suptitle = f"Subspace similarity φ(i, j), basis {report['basis']}" + (f" — {plain_text(prefix)}*" if prefix else "")
     return phi_figure(panels, suptitle=suptitle)
 
 

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property-based tests: "ci" (default) runs a fixed, derandomized budget per test so CI is quick
+# and never flaky; HYPOTHESIS_PROFILE=long runs the fuzz campaign's budget (tests/test_fuzz.py).
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=_SLOW_OK)
+settings.register_profile("long", max_examples=700, deadline=None, suppress_health_check=_SLOW_OK)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

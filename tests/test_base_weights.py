@@ -49,7 +49,7 @@ def test_any_wrapped_layer_gives_its_base_weight():
     assert base.names == ["proj", "head"]
     assert torch.equal(base.weight("proj"), model.proj.base_layer.weight)
     model.proj.merged = True
-    with pytest.raises(LoraAnalysisError, match="'proj' is merged"):
+    with pytest.raises(LoraAnalysisError, match="LoRA layer proj is merged"):
         BaseWeights(model)
 
 
@@ -73,7 +73,7 @@ def test_files_read_lazily_and_resolve(tiny_bert, tmp_path, layout):
 
 
 def test_unresolvable_name_lists_closest(tiny_bert):
-    with pytest.raises(ModuleResolutionError, match=r"not found in the base weights .*closest: \[.*attention\.self\.query"):
+    with pytest.raises(ModuleResolutionError, match=r"not found in the base weights .*closest: .*attention\.self\.query"):
         BaseWeights(tiny_bert).weight("encoder.layer.0.attention.self.querry")
 
 
@@ -100,7 +100,7 @@ def test_gpt2_conv1d_weights_are_transposed_to_linear_orientation(tiny_gpt2, tmp
         BaseWeights(model)
 
 
-def test_orientation_from_shape_and_shape_mismatch(tiny_bert):
+def test_in_memory_orientation_from_the_layer_type_and_shape_mismatch(tiny_bert):
     from lora_analysis import LoraModule
 
     base = BaseWeights(tiny_bert)
@@ -108,10 +108,32 @@ def test_orientation_from_shape_and_shape_mismatch(tiny_bert):
     linear = LoraModule(A=torch.zeros(2, 32), B=torch.zeros(64, 2), alpha=2)
     torch.testing.assert_close(base.weight(name, linear), bert_weight(tiny_bert, name))
     flagged = LoraModule(A=torch.zeros(2, 32), B=torch.zeros(64, 2), alpha=2, fan_in_fan_out=True)
-    torch.testing.assert_close(base.weight(name, flagged), bert_weight(tiny_bert, name))  # shape decides
+    torch.testing.assert_close(base.weight(name, flagged), bert_weight(tiny_bert, name))  # an nn.Linear: its type decides
     wrong = LoraModule(A=torch.zeros(2, 30), B=torch.zeros(64, 2), alpha=2)
-    with pytest.raises(LoraAnalysisError, match=r"shape \(64, 32\).*\(64, 30\)"):
+    with pytest.raises(LoraAnalysisError, match=r"stored as \(64, 32\).*\(64, 30\)"):
         base.weight(name, wrong)
+
+
+@pytest.mark.parametrize("d_out, d_in", [(6, 4), (5, 5)])
+def test_file_orientation_comes_from_the_adapters_record_never_from_the_shape(tmp_path, d_out, d_in):
+    """A transposed weight beside an adapter that records nn.Linear is refused (it was silently
+    taken for a Conv1D); with fan_in_fan_out it is a Conv1D. A square one follows the record."""
+    from safetensors.torch import save_file
+
+    from lora_analysis import LoraModule
+
+    W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(0))
+    stored_t = tmp_path / "transposed.safetensors"
+    save_file({"m.weight": W.T.contiguous()}, stored_t)
+    linear = LoraModule(A=torch.zeros(2, d_in), B=torch.zeros(d_out, 2), alpha=2)
+    conv1d = LoraModule(A=torch.zeros(2, d_in), B=torch.zeros(d_out, 2), alpha=2, fan_in_fan_out=True)
+    torch.testing.assert_close(BaseWeights(stored_t).weight("m", conv1d), W)
+    if d_out != d_in:
+        with pytest.raises(LoraAnalysisError, match=r"transposed.safetensors: weight m is stored as \(4, 6\).*"
+                                                    r"fan_in_fan_out=false.*never guessed"):
+            BaseWeights(stored_t).weight("m", linear)
+    else:  # square: the record resolves it (W.T is what a Linear with this storage holds)
+        torch.testing.assert_close(BaseWeights(stored_t).weight("m", linear), W.T)
 
 
 def test_bad_sources_give_one_line_errors(tmp_path, tiny_bert):
@@ -125,8 +147,11 @@ def test_bad_sources_give_one_line_errors(tmp_path, tiny_bert):
         BaseWeights(bad)
     pickle = tmp_path / "evil.bin"
     torch.save({"w": torch.zeros(2, 2), "f": print}, pickle)
-    with pytest.raises(LoraAnalysisError, match="evil.bin: cannot load as a weights-only"):
+    with pytest.raises(LoraAnalysisError) as refused:
         BaseWeights(pickle)
+    message = str(refused.value)  # one line of ours, never torch's advice to load with weights_only=False
+    assert "evil.bin: refused pickle" in message and "GLOBAL print" in message
+    assert "\n" not in message and "weights_only=False" not in message and "trust" not in message
     sharded = tmp_path / "sharded"
     tiny_bert.save_pretrained(sharded, max_shard_size="20KB")
     index = json.loads((sharded / "model.safetensors.index.json").read_text())

@@ -139,6 +139,7 @@ def test_analyze_json_matches_float64_oracle(ours):
 
 def test_analyze_writes_output_atomically_and_quiet_keeps_stdout_empty(ours, tmp_path):
     out = tmp_path / "reports" / "ours.md"
+    out.parent.mkdir()  # outputs never create folders (tests/test_outputs.py)
     assert main(["analyze", str(ours), "--format", "markdown", "-o", str(out), "--quiet"]) == 0
     text = out.read_text(encoding="utf-8")
     assert text.startswith("# LoRA adapter analysis") and "| bert.encoder.layer.1.attention.self.value |" in text
@@ -374,8 +375,8 @@ def test_text_analyze_imports_neither_matplotlib_nor_transformers(ours):
 def test_unwritable_output_is_a_usage_error(ours, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     assert main(["analyze", str(ours), "-o", str(tmp_path / "taken"), "--quiet"]) == 2
-    assert f"{tmp_path / 'taken'}: cannot write" in capsys.readouterr().err
+    assert f"{tmp_path / 'taken'}: -o names a directory" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     plot = tmp_path / "file" / "phi.png"  # parent is a regular file
     assert main(["compare", str(ours), str(ours), "--plot", str(plot), "--quiet"]) == 2
-    assert f"{plot}: cannot write" in capsys.readouterr().err
+    assert f"{plot}: --plot: the folder {tmp_path / 'file'} is not a directory" in capsys.readouterr().err

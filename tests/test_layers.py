@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lora_analysis"
 ROOT = "lora_analysis"
 
 LAYERS: list[set[str]] = [
-    {"errors", "fileio", "naming", "config", "version", "lazy", "devices", "seeding", "assets"},
+    {"errors", "fileio", "naming", "config", "version", "lazy", "devices", "seeding", "assets", "outputs", "patterns"},
     {"adapters"},
     {"analysis", "base_weights", "model_pair", "lora"},
     {"report", "plots"},
@@ -32,7 +32,8 @@ LAYERS: list[set[str]] = [
 ]
 # (importer, imported) pairs allowed inside one level
 SAME_LEVEL = {
-    ("fileio", "errors"), ("naming", "errors"), ("assets", "errors"), ("devices", "errors"),
+    ("fileio", "errors"), ("naming", "errors"), ("outputs", "errors"), ("outputs", "fileio"),
+    ("patterns", "errors"), ("config", "patterns"), ("assets", "errors"), ("devices", "errors"),
     ("analysis", "base_weights"), ("lora", "base_weights"),
     ("model_pair", "base_weights"), ("analysis", "model_pair"),
     ("report", "plots"),

@@ -108,7 +108,9 @@ def test_cli_analyze_of_a_fine_tuned_model_against_its_base(models, tmp_path, ca
         expected = oracle_singular_values(ft, base, f"{name}.weight")
         np.testing.assert_allclose(module["singular_values"], expected, rtol=1e-12, atol=1e-14 * expected[0])
         assert module["base"]["weight_frobenius_norm"] > 0
-    assert main(["analyze", str(ft), "--base", str(base), "--format", "json", "-o", str(out), "--quiet"]) == 0
+    assert main(["analyze", str(ft), "--base", str(base), "--format", "json", "-o", str(out), "--quiet"]) == 2
+    assert "pass --force" in capsys.readouterr().err  # the first report is never replaced silently
+    assert main(["analyze", str(ft), "--base", str(base), "--format", "json", "-o", str(out), "--force", "--quiet"]) == 0
     every = json.loads(out.read_text())["modules"]
     assert len(every) == 16  # every 2-D weight, the embeddings too; the 2 × 32 token-type one has 2 directions
     assert every["embeddings.token_type_embeddings"]["base"]["intruders"]["top_k"] == 2

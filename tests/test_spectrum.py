@@ -193,5 +193,5 @@ def test_adapter_from_lora_core_and_analyze_without_base(tiny_gpt2):
 def test_non_finite_factors_are_named():
     good, bad = make_module(8, 6, 2, seed=1), make_module(8, 6, 2, seed=2)
     bad.A[0, 3] = float("inf")
-    with pytest.raises(LoraAnalysisError, match=r"module l\.1\.q: LoRA factors contain NaN or Inf"):
+    with pytest.raises(LoraAnalysisError, match=r"module l\.1\.q: its LoRA factors contain NaN or Inf"):
         adapter_spectra(Adapter({"l.0.q": good, "l.1.q": bad}), progress=False, device="cpu")

@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, Iterator, Mapping
 
 import torch
 
-from ..errors import AdapterFormatError, shown
+from ..errors import AdapterFormatError, shown, unpickling_refusal
 from ..fileio import parse_json
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
@@ -268,7 +268,7 @@ def load_torch_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        problem = f"refused pickle: torch.load(weights_only=True) rejects it ({_unpickler_reason(err)})"
+        problem = f"refused pickle: torch.load(weights_only=True) rejects it ({unpickling_refusal(err)})"
         raise AdapterFormatError(path, problem) from None
     except Exception as err:  # noqa: BLE001 — torch raises RuntimeError/EOFError/... for broken archives
         problem = f"truncated or corrupt torch file ({type(err).__name__}: {shown(str(err).split('. ')[0])})"
@@ -292,14 +292,6 @@ def _check_zip(path: Path) -> None:
                       f"{member.compress_size}): torch.save never compresses; refused, it could expand without bound")
         if member.header_offset + member.file_size > size or member.file_size != member.compress_size:
             raise AdapterFormatError(path, f"truncated or corrupt torch file: member {shown(member.filename)!r} extends past the file")
-
-
-def _unpickler_reason(err: Exception) -> str:
-    """The one useful line of torch's long weights_only error ("Unsupported global: GLOBAL io.open ...")."""
-    for line in str(err).splitlines():
-        if "WeightsUnpickler error:" in line:
-            return shown(line.split("WeightsUnpickler error:", 1)[1].split(" was not")[0].strip())
-    return type(err).__name__
 
 
 def open_tensor_file(path: Path) -> TensorFile:

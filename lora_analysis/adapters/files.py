@@ -30,6 +30,7 @@ from safetensors.torch import save as safetensors_bytes
 from ..config import LoraConfig
 from ..errors import AdapterFormatError, LoraAnalysisError, shown
 from ..fileio import atomic_write_bytes, atomic_write_text, parse_json
+from ..patterns import PatternError
 from .adapter import Adapter, LazyModules, checked_tensor
 from .containers import LazyTensors, open_tensor_file
 from .formats import AdapterFiles, reader_for
@@ -138,7 +139,10 @@ def load_adapter(path: str | os.PathLike, alpha: float | None = None, *, lazy: b
             "kohya '<name>.lora_down.weight', LyCORIS, diffusers, loralib '<module>.lora_A', torchtune, LitGPT or "
             "AdapterHub keys",
         )
-    result = reader.read(files, alpha)
+    try:
+        result = reader.read(files, alpha)
+    except PatternError as err:  # a config pattern that cannot be matched exactly against one of the names
+        raise AdapterFormatError(path, f"config pattern {err}") from None
     if not result.modules:
         raise AdapterFormatError(tensors.path, f"holds no adapter modules ({reader.name} layout, {len(files.keys)} other tensors)")
     qualify = len({component for component, _ in result.modules}) > 1

@@ -19,6 +19,7 @@ from typing import Any, Callable, TypeVar
 
 from ..config import LoraConfig, pattern_value
 from ..errors import AdapterFormatError, LoraAnalysisError, shown
+from ..patterns import PatternError, check_pattern_keys
 from .adapter import Adapter
 from .updates import LoraModule
 
@@ -174,6 +175,13 @@ def peft_settings(data: Any, path: str | os.PathLike) -> PeftSettings:
           "a list of parameter names")
     check("modules_to_save", data.get("modules_to_save") is None or is_names(data.get("modules_to_save")),
           "a list of names")
+    regex_fields = ("alpha_pattern",) if peft_type == "ADALORA" else ("rank_pattern", "alpha_pattern")  # AdaLoRA's: masks by name
+    for field in regex_fields:
+        for key in data.get(field) or {}:
+            try:
+                check_pattern_keys([key])
+            except PatternError as err:
+                raise AdapterFormatError(path, f"{field} key {shown(key, 60)}: {err.reason}") from None
     fields = dict(data)
     for key in ("rank_pattern", "alpha_pattern"):
         if fields.get(key) is None or (key == "rank_pattern" and peft_type == "ADALORA"):

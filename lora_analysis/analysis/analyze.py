@@ -131,7 +131,8 @@ def analyze_adapter(
         weights[name] = base.weight(name, update.info)
         return weights[name]
 
-    spectra = iter_spectra(adapter.items(), options.device, base=base_weight if base is not None else None)
+    spectra = iter_spectra(adapter.items(), options.device, base=base_weight if base is not None else None,
+                           source=adapter.source)
     trim = HeapTrimmer()  # memory stays bounded over thousands of modules (see heap.py)
     for name, spectrum in with_progress(spectra, len(adapter), "analyze", progress):
         result = ModuleAnalysis(name, spectrum, spectrum.metrics(taus))

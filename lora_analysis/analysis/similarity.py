@@ -20,7 +20,7 @@ import torch
 
 from ..adapters import Adapter
 from ..config import BasisKind
-from ..errors import LoraAnalysisError
+from ..errors import LoraAnalysisError, shown
 from ..naming import layer_of, layer_pattern, strip_known_prefixes
 from ..seeding import random_basis, seeded_generator
 from .spectrum import Basis, ModuleSpectrum, adapter_spectra
@@ -120,7 +120,8 @@ def compare_bases(a: Basis, b: Basis, top_k: int | None = None) -> Comparison:
     (a rotation of None is the identity).
     """
     if a.dim != b.dim:
-        raise LoraAnalysisError(f"cannot compare bases of different dimensions {a.dim} and {b.dim}")
+        raise LoraAnalysisError(f"its {a.kind} bases live in spaces of different dimensions, {a.dim} and {b.dim}, "
+                                "so φ between them does not exist")
     product = torch.from_numpy(_cross_product(a.frame, b.frame))
     if a.rotation is not None:
         product = a.rotation.cpu().T @ product
@@ -183,21 +184,27 @@ def compare_adapters(
     basis: BasisKind = "A",
     top_k: int | None = None,
     progress: bool = False,
+    sources: tuple[str | None, str | None] | None = None,
     fallback: bool = False,
 ) -> AdapterComparison:
     """φ of every module present in both adapters; lists the modules present in only one.
 
+    sources: the two adapters' files, named in errors (default: an Adapter's `source`).
+    Raises `LoraAnalysisError` naming both files when a module's two bases live in spaces of
+    different dimensions, and naming the file when one adapter names a module twice.
     `fallback`: pairs of kinds without factors A/B are compared in ΔW's singular vectors of
     the same space, each pair's `basis` saying which (see `compare_modules`); else they raise.
     """
+    label_a, label_b = sources or (_source(a), _source(b))
     spectra_a, spectra_b = _spectra(a, progress), _spectra(b, progress)
-    matched = match_module_names(list(spectra_a), list(spectra_b))
+    matched = match_module_names(list(spectra_a), list(spectra_b), (label_a or "adapter A", label_b or "adapter B"))
     comparisons = {}
     for name_a, name_b in matched.items():
         try:
             comparisons[name_a] = compare_modules(spectra_a[name_a], spectra_b[name_b], basis, top_k, fallback)
         except LoraAnalysisError as e:
-            raise LoraAnalysisError(f"module {name_a}: {e}") from None
+            where = f"{shown(label_a)} and {shown(label_b)}: " if label_a and label_b else ""
+            raise LoraAnalysisError(f"{where}module {shown(name_a)}: {e}") from None
     return AdapterComparison(
         modules=comparisons,
         matched=matched,
@@ -207,14 +214,15 @@ def compare_adapters(
     )
 
 
-def match_module_names(names_a: list[str], names_b: list[str]) -> dict[str, str]:
-    """a-name → b-name for modules named alike in both, exact or after stripping known prefixes."""
-    keys_b: dict[str, str] = {}
-    for name in names_b:
-        key = strip_known_prefixes(name)
-        if key in keys_b:
-            raise LoraAnalysisError(f"modules {keys_b[key]!r} and {name!r} name the same module")
-        keys_b[key] = name
+def match_module_names(names_a: list[str], names_b: list[str],
+                       labels: tuple[str, str] = ("adapter A", "adapter B")) -> dict[str, str]:
+    """a-name → b-name for modules named alike in both, exact or after stripping known prefixes.
+
+    Raises `LoraAnalysisError` (naming that side's label) when either side names one module
+    twice (`base_model.model.m` and `m`): which of the two to compare would be a guess.
+    """
+    _module_keys(names_a, labels[0])
+    keys_b = _module_keys(names_b, labels[1])
     set_b = set(names_b)
     matched = {}
     for name in names_a:
@@ -223,6 +231,21 @@ def match_module_names(names_a: list[str], names_b: list[str]) -> dict[str, str]
         elif strip_known_prefixes(name) in keys_b:
             matched[name] = keys_b[strip_known_prefixes(name)]
     return matched
+
+
+def _module_keys(names: list[str], label: str) -> dict[str, str]:
+    """{name without known prefixes: name}; two names of one module are an error naming `label`."""
+    owners: dict[str, str] = {}
+    for name in names:
+        key = strip_known_prefixes(name)
+        if key in owners:
+            raise LoraAnalysisError(f"{shown(label)}: modules {shown(owners[key])} and {shown(name)} name the same module")
+        owners[key] = name
+    return owners
+
+
+def _source(x: Adapter | Spectra) -> str | None:
+    return x.source if isinstance(x, Adapter) else None
 
 
 @dataclass

@@ -53,7 +53,7 @@ from ..adapters.updates import (
 )
 from ..config import BASIS_KINDS, BasisKind
 from ..devices import resolve_device
-from ..errors import LoraAnalysisError
+from ..errors import InputFileError, LoraAnalysisError, shown
 
 DEFAULT_TAUS: tuple[float, ...] = (0.9, 0.99)
 FLOAT64_TINY = float(np.finfo(np.float64).tiny)  # smallest normal float64
@@ -320,15 +320,26 @@ def iter_spectra(
     dtype: torch.dtype = torch.float32,
     batch_size: int = 16,
     base: BaseWeightSource | None = None,
+    source: str | None = None,
 ) -> Iterator[tuple[str, ModuleSpectrum]]:
-    """(name, spectrum) for a stream of modules, in order.
+    """(name, spectrum) for a stream of modules, in order; `source` (the adapter's file) is named
+    in errors, which name the module and the cause.
 
     Consecutive low-rank modules of equal factor shapes are stacked into batches of up to
     `batch_size` for one batched QR/SVD; memory stays at one batch, so a lazy reader can stream
     a large adapter. `base(name, update)` gives W₀ (d_out, d_in) to kinds that need it (DoRA);
     without it such a module is refused with one line.
     """
-    device = resolve_device(device)
+    try:
+        yield from _spectra_stream(modules, resolve_device(device), dtype, batch_size, base)
+    except LoraAnalysisError as err:
+        if source is None or (isinstance(err, InputFileError) and err.path):
+            raise  # nothing to add, or it names its file already (a lazily read tensor, a base weight)
+        raise InputFileError(source, str(err)) from None
+
+
+def _spectra_stream(modules: Iterable[tuple[str, Update]], device: torch.device, dtype: torch.dtype,
+                    batch_size: int, base: BaseWeightSource | None) -> Iterator[tuple[str, ModuleSpectrum]]:
     batch: list[tuple[str, Update, LowRankForm]] = []
     for name, update in modules:
         form = _form_of(name, update, dtype, base)
@@ -339,7 +350,7 @@ def iter_spectra(
         if isinstance(form, LowRankForm):
             batch.append((name, update, form))
         else:
-            yield name, _checked(name, _single_spectrum(name, update.info, form))
+            yield name, _checked(name, _single_factorization(name, form), update.info)
     yield from _flush(batch, device, dtype)
 
 
@@ -352,7 +363,9 @@ def adapter_spectra(
 ) -> dict[str, ModuleSpectrum]:
     """Spectrum of every module, in adapter order (see `iter_spectra`)."""
     items = adapter.items()
-    return dict(with_progress(iter_spectra(items, device, dtype, base=base), len(items), "spectra", progress))
+    source = adapter.source if isinstance(adapter, Adapter) else None
+    spectra = iter_spectra(items, device, dtype, base=base, source=source)
+    return dict(with_progress(spectra, len(items), "spectra", progress))
 
 
 def with_progress(results: Iterable[T], total: int, desc: str, enabled: bool = True) -> Iterator[T]:
@@ -372,7 +385,7 @@ def _form_of(name: str, update: Update, dtype: torch.dtype, base: BaseWeightSour
         return update.factored(dtype)
     if base is None:
         raise LoraAnalysisError(
-            f"module {name}: a {update.kind} update's ΔW = diag(m/‖W₀ + ΔW_dir‖)(W₀ + ΔW_dir) − W₀ needs the base "
+            f"module {shown(name)}: a {update.kind} update's ΔW = diag(m/‖W₀ + ΔW_dir‖)(W₀ + ΔW_dir) − W₀ needs the base "
             "weight W₀: pass base weights (--base), or ask for the direction update s·B·A alone (--dora-direction)")
     return update.factored(dtype, base(name, update))
 
@@ -422,28 +435,34 @@ def _spectrum(factorization: _Factorization, info: UpdateInfo) -> ModuleSpectrum
                           factorization.exact, factorization.error_bound)
 
 
-def _checked(name: str, spectrum: ModuleSpectrum) -> ModuleSpectrum:
-    """Refuse a spectrum float64 cannot hold: σ₁ overflowing, or a singular value above the
-    numerical-rank tolerance below the normal range (its digits would be lost)."""
+def _checked(name: str, factorization: _Factorization, info: UpdateInfo) -> ModuleSpectrum:
+    """The spectrum, or a refusal where float64 cannot hold it: σ₁ overflowing, or a singular
+    value above the numerical-rank tolerance below the normal range (its digits would be lost)."""
+    spectrum = _spectrum(factorization, info)
     S = spectrum.S
     if S.numel() and not math.isfinite(float(S[0])):
-        raise LoraAnalysisError(f"module {name}: σ₁ of ΔW overflows float64 (scale s = {spectrum.scale:.3g}): not representable")
+        scale = factorization.scale
+        log10_sigma = (math.log10(float(factorization.S_norm[0])) + math.log10(abs(scale.value))
+                       + scale.exponent * math.log10(2))
+        raise LoraAnalysisError(
+            f"module {shown(name)}: σ₁ of ΔW is about 1e{log10_sigma:.0f} (scale s = {spectrum.scale:.3g}): "
+            "it overflows float64 (largest 1.8e308), not representable")
     kept = S[: spectrum.numerical_rank]
     if kept.numel() and float(kept[-1]) < FLOAT64_TINY:
         raise LoraAnalysisError(
-            f"module {name}: singular values of ΔW down to {float(kept[-1]):.3g} lie below float64's normal range "
+            f"module {shown(name)}: singular values of ΔW down to {float(kept[-1]):.3g} lie below float64's normal range "
             f"({FLOAT64_TINY:.3g}): not representable to float64 precision")
     return spectrum
 
 
-def _single_spectrum(name: str, info: UpdateInfo, form: Form) -> ModuleSpectrum:
+def _single_factorization(name: str, form: Form) -> _Factorization:
     try:
         factorization = _factorize(form)
     except torch.linalg.LinAlgError:
-        raise LoraAnalysisError(f"module {name}: SVD failed") from None
+        raise LoraAnalysisError(f"module {shown(name)}: the SVD did not converge (LAPACK)") from None
     if not torch.isfinite(factorization.S_norm).all():
-        raise LoraAnalysisError(f"module {name}: SVD failed (non-finite factors or ΔW)")
-    return _spectrum(factorization, info)
+        raise LoraAnalysisError(f"module {shown(name)}: its factors or ΔW contain NaN or Inf")
+    return factorization
 
 
 def _factorize(form: Form) -> _Factorization:
@@ -555,10 +574,10 @@ def _flush(batch: list[tuple[str, Update, LowRankForm]], device: torch.device, d
         # Only on failure: find the culprit rather than scanning every factor up front.
         for name, _, form in batch:
             if not (torch.isfinite(form.A).all() and torch.isfinite(form.B).all()):
-                raise LoraAnalysisError(f"module {name}: LoRA factors contain NaN or Inf")
-        raise LoraAnalysisError(f"SVD failed for modules {[name for name, _, _ in batch]}")
+                raise LoraAnalysisError(f"module {shown(name)}: its LoRA factors contain NaN or Inf")
+        raise LoraAnalysisError(f"module {shown(batch[0][0])}: the SVD did not converge (LAPACK)")
     for (name, update, _), factorization in zip(batch, factorizations):
-        yield name, _checked(name, _spectrum(factorization, update.info))
+        yield name, _checked(name, factorization, update.info)
 
 
 def _compute_dtype(form: LowRankForm, dtype: torch.dtype) -> torch.dtype:

@@ -8,15 +8,15 @@ command runs and needs them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fnmatch
+import math
 import os
 import sys
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from ..config import BASIS_KINDS
-from ..errors import LoraAnalysisError
-from .main import add_common_options
+from ..errors import LoraAnalysisError, shown
+from .main import add_common_options, add_force_option
 
 if TYPE_CHECKING:
     from ..adapters import Adapter
@@ -75,13 +75,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     analyze.add_argument("--base", metavar="MODEL",
                          help="pretrained weights: Hugging Face model directory, .safetensors file, or 'minilm' (built-in)")
     analyze.add_argument("--format", choices=REPORT_FORMATS, default="text", help="report format (default: text)")
-    analyze.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE (atomically) instead of stdout")
+    analyze.add_argument("-o", "--output", metavar="FILE",
+                         help="write the report to FILE (atomically) instead of stdout; FILE's folder must exist")
     _add_module_filter(analyze)
     analyze.add_argument("--top", type=_positive_int, metavar="N",
                          help="list only the N modules with the largest ‖ΔW‖_F (summaries still cover all)")
     analyze.add_argument("--tau", type=_fraction, nargs="+", default=[0.9, 0.99], metavar="TAU",
                          help="energy thresholds for the energy rank and the rank recommendation (default: 0.9 0.99)")
-    analyze.add_argument("--alpha", type=float, metavar="ALPHA",
+    analyze.add_argument("--alpha", type=_finite_float, metavar="ALPHA",
                          help="LoRA alpha to assume where the file does not record it (else scale is reported unknown)")
     _add_dora_direction(analyze)
     analyze.add_argument("--weight-k", type=_positive_int, default=64, metavar="K",
@@ -98,6 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     analyze.add_argument("--intruder-epsilon", type=_fraction, default=0.5, metavar="EPS",
                          help="intruder if max |cos| with W's singular vectors is below EPS (default: 0.5)")
     analyze.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda:0, ...")
+    add_force_option(analyze)
     add_common_options(analyze)
     analyze.set_defaults(func=run_analyze)
 
@@ -116,13 +118,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compare.add_argument("--base", metavar="MODEL",
                          help="base model of a fully fine-tuned model given on either side (its ΔW = W_ft − W₀ is compared)")
     compare.add_argument("--format", choices=COMPARE_FORMATS, default="text", help="report format (default: text)")
-    compare.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE (atomically) instead of stdout")
-    compare.add_argument("--plot", metavar="FILE", help="φ heatmaps (paper Figures 3/4) to FILE; format by extension: .png, .pdf, .svg")
+    compare.add_argument("-o", "--output", metavar="FILE",
+                         help="write the report to FILE (atomically) instead of stdout; FILE's folder must exist")
+    compare.add_argument("--plot", metavar="FILE",
+                         help="φ heatmaps (paper Figures 3/4) to FILE; format by extension: .png, .pdf, .svg")
     compare.add_argument("--top-k", type=_positive_int, metavar="K",
                          help="k of the mean over the top-k diagonal φ(i, i) (default: the smaller numerical rank)")
     _add_module_filter(compare)
     _add_dora_direction(compare)
     compare.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda:0, ...")
+    add_force_option(compare)
     add_common_options(compare)
     compare.set_defaults(func=run_compare)
 
@@ -132,6 +137,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     from ..report import analyze_report, render_report
 
     args.base = base_model_path(args.base)
+    _check_outputs(args, {"-o": args.output}, [args.adapter, args.base])
     base = None
     if args.base:
         from ..base_weights import BaseWeights
@@ -163,7 +169,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from ..analysis import adapter_spectra, adapter_notes, compare_adapters
+    from ..analysis import adapter_notes, adapter_spectra, compare_adapters, match_module_names
     from ..report import compare_report, render_report
 
     args.base = base_model_path(args.base)
@@ -171,23 +177,23 @@ def run_compare(args: argparse.Namespace) -> int:
         from ..plots import figure_format
 
         figure_format(args.plot)  # a bad extension fails before the work
+    _check_outputs(args, {"-o": args.output, "--plot": args.plot}, [args.adapter_a, args.adapter_b, args.base])
     adapter_a, adapter_b = (_model_pair(path, args.base, args.modules) or _select(_load(path, args), args.modules, path)
                             for path in (args.adapter_a, args.adapter_b))
+    match_module_names(list(adapter_a.modules), list(adapter_b.modules), (args.adapter_a, args.adapter_b))  # before the work
     spectra_a, spectra_b = (adapter_spectra(x, progress=not args.quiet, device=args.device) for x in (adapter_a, adapter_b))
     comparison = compare_adapters(spectra_a, spectra_b, basis=args.basis or "A", top_k=args.top_k,
-                                  fallback=args.basis is None)
+                                  fallback=args.basis is None, sources=(args.adapter_a, args.adapter_b))
     notes = [f"{label}: {note}" for label, x in (("A", adapter_a), ("B", adapter_b)) for note in adapter_notes(x)]
     report = compare_report(comparison, adapter_a, adapter_b, top_k=args.top_k, patterns=args.modules, notes=notes)
     if not report["pairs"]:
-        raise LoraAnalysisError(f"{args.adapter_a} and {args.adapter_b}: no module in common "
+        raise LoraAnalysisError(f"{shown(args.adapter_a)} and {shown(args.adapter_b)}: no module in common "
                                 f"(A has e.g. {_examples(report['only_in_a'])}; B has e.g. {_examples(report['only_in_b'])})")
     if args.plot:
-        from ..plots import save_figure
+        from ..plots import figure_bytes, figure_format
         from ..report.figures import compare_figure
 
-        with _writing(args.plot):
-            save_figure(compare_figure(report), args.plot)
-        _progress(args, f"wrote {args.plot}")
+        _write(args.plot, figure_bytes(compare_figure(report), figure_format(args.plot)), args)
     _emit(render_report(report, args.format), args)
     return 0
 
@@ -204,7 +210,7 @@ def _load(path: str, args: argparse.Namespace, weight_shapes: dict | None = None
     dora = [name for name in adapter.modules if adapter.info(name).kind == "dora"]
     if dora and not with_base:
         raise LoraAnalysisError(
-            f"{path}: {len(dora)} DoRA module(s) (e.g. {dora[0]}): ΔW = diag(m/‖W₀ + sBA‖)(W₀ + sBA) − W₀ needs the "
+            f"{shown(path)}: {len(dora)} DoRA module(s) (e.g. {shown(dora[0])}): ΔW = diag(m/‖W₀ + sBA‖)(W₀ + sBA) − W₀ needs the "
             "base weights (--base, analyze only); --dora-direction analyses the direction update s·B·A alone instead")
     return adapter
 
@@ -246,11 +252,7 @@ def _select(adapter: Adapter, patterns: list[str] | None, path: str) -> Adapter:
 def _emit(text: str, args: argparse.Namespace) -> None:
     """The report to -o FILE (atomic write) or stdout; stdout carries nothing else."""
     if args.output:
-        from ..fileio import atomic_write_text
-
-        with _writing(args.output):
-            atomic_write_text(args.output, text)
-        _progress(args, f"wrote {args.output}")
+        _write(args.output, text, args)
         return
     try:  # UTF-8 whatever the locale: reports contain σ, α, ‖ΔW‖
         sys.stdout.flush()
@@ -260,13 +262,22 @@ def _emit(text: str, args: argparse.Namespace) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-@contextlib.contextmanager
-def _writing(path: str) -> Iterator[None]:
-    """An unwritable output path is bad input (exit 2), not a crash."""
+def _check_outputs(args: argparse.Namespace, outputs: dict[str, str | None], inputs: list[str | None]) -> None:
+    """The output rules (`lora_analysis.outputs`), checked before any work."""
+    from ..outputs import check_outputs
+
+    check_outputs(outputs, inputs, force=args.force)
+
+
+def _write(path: str, data: str | bytes, args: argparse.Namespace) -> None:
+    """One output file, atomically, by the output rules; an unwritable path is bad input (exit 2)."""
+    from ..outputs import OutputError, write_output
+
     try:
-        yield
+        write_output(path, data, force=args.force)
     except OSError as err:
-        raise LoraAnalysisError(f"{path}: cannot write ({err.strerror or err})") from None
+        raise OutputError(path, f"cannot write ({err.strerror or err})") from None
+    _progress(args, f"wrote {shown(path)}")
 
 
 def _progress(args: argparse.Namespace, message: str) -> None:
@@ -275,7 +286,8 @@ def _progress(args: argparse.Namespace, message: str) -> None:
 
 
 def _examples(names: list[str], n: int = 3) -> str:
-    return ", ".join(names[:n]) + (", ..." if len(names) > n else "") if names else "none"
+    """A few names for a message (escaped and cut short: they come from files)."""
+    return ", ".join(shown(name, 60) for name in names[:n]) + (", ..." if len(names) > n else "") if names else "none"
 
 
 def _add_dora_direction(parser: argparse.ArgumentParser) -> None:
@@ -293,6 +305,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be ≥ 1, got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 

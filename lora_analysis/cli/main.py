@@ -17,7 +17,7 @@ import traceback
 import warnings
 from typing import TextIO
 
-from ..errors import LoraAnalysisError
+from ..errors import LoraAnalysisError, escaped
 from ..version import __version__
 
 # command -> the module under lora_analysis.cli that registers it (in the order --help lists them)
@@ -48,6 +48,12 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     """Options every subcommand accepts (also after the subcommand name)."""
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+
+
+def add_force_option(parser: argparse.ArgumentParser) -> None:
+    """--force for subcommands that write files the user names (rules: `lora_analysis.outputs`)."""
+    parser.add_argument("--force", action="store_true",
+                        help="replace output files that exist (an input is never written over)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,8 +88,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: TextIO | None = None, line: str | None = None) -> None:
-    """Warnings for CLI users: one line on stderr, no source location."""
-    print(f"lora-analysis: warning: {message}", file=file or sys.stderr)
+    """Warnings for CLI users: one line on stderr, no source location; text from files inside
+    the message (module names) cannot break the line or send terminal escapes."""
+    print(f"lora-analysis: warning: {escaped(message)}", file=file or sys.stderr)
 
 
 if __name__ == "__main__":

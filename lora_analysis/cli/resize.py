@@ -10,12 +10,12 @@ stdout carries the per-module table (text or JSON); progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import LoraAnalysisError
-from .analyze import _emit, _examples, _load, _model_pair, _positive_int, _progress, _select, _writing, base_model_path
+from ..fileio import dumps_json
+from .analyze import _emit, _examples, _load, _model_pair, _positive_int, _progress, _select, base_model_path
 from .main import add_common_options
 
 if TYPE_CHECKING:
@@ -157,11 +157,14 @@ def _finish(adapter: Adapter, rule: RankRule, args: argparse.Namespace, source: 
             base: BaseWeightSource | None = None, config: LoraConfig | None = None) -> int:
     from ..adapters import save_adapter
     from ..analysis.resize import resize_adapter
+    from ..outputs import OutputError
 
     result = resize_adapter(adapter, rule, base=base, config=config, device=args.device, progress=not args.quiet)
     _check_output(args.output, [source, args.base], args.force)  # again: the work took a while
-    with _writing(args.output):
+    try:
         written = save_adapter(result.adapter, args.output)
+    except OSError as err:
+        raise OutputError(args.output, f"cannot write ({err.strerror or err})") from None
     _progress(args, f"wrote {written}")
     result.notes[:0] = adapter.notes
     _emit(_render(result, source, args.format), args_without_output(args))
@@ -184,22 +187,12 @@ def _rule(args: argparse.Namespace) -> RankRule:
 
 
 def _check_output(output: str, inputs: list[str | None], force: bool) -> None:
-    """Refuse to write over or into an input (ever) or over an existing adapter (without --force)."""
-    out = Path(output)
-    targets = [out] if out.suffix == ".safetensors" else [out, out / "adapter_model.safetensors", out / "adapter_config.json"]
-    for source in filter(None, inputs):
-        src = Path(source).resolve()
-        for target in targets:  # the input itself, or a file inside an input directory
-            if target.resolve() == src or src in target.resolve().parents:
-                raise LoraAnalysisError(f"{output}: would write over or into the input {source}: choose another output")
-    if out.suffix == ".safetensors":
-        if out.exists() and not force:
-            raise LoraAnalysisError(f"{output}: exists (pass --force to replace it)")
-    elif out.exists():
-        if not out.is_dir():
-            raise LoraAnalysisError(f"{output}: exists and is not a directory (end the name in .safetensors for one file)")
-        if any((out / name).exists() for name in ("adapter_model.safetensors", "adapter_config.json")) and not force:
-            raise LoraAnalysisError(f"{output}: holds an adapter already (pass --force to replace it)")
+    """The output rules (`lora_analysis.outputs`): never over or into an input, an existing
+    adapter replaced only with --force; a directory output may be created, not its parents."""
+    from ..outputs import check_outputs
+
+    directories = [] if Path(output).suffix == ".safetensors" else ["-o"]
+    check_outputs({"-o": output}, inputs, force=force, directories=directories)
 
 
 def _render(result: ResizeResult, source: str, fmt: str) -> str:
@@ -211,7 +204,7 @@ def _render(result: ResizeResult, source: str, fmt: str) -> str:
     if fmt == "json":
         document = {"kind": "resize", "source": source, "rule": {"kind": result.rule.kind, "value": result.rule.value},
                     "modules": rows, "parameters_before": before, "parameters_after": after, "notes": result.notes}
-        return json.dumps(document, indent=2, allow_nan=False) + "\n"
+        return dumps_json(document, indent=2) + "\n"
     header = ["module", "shape", "r before", "num. rank", "r", "‖ΔW‖_F", "‖ΔW−ΔW_k‖_F", "rel. error", "energy kept", "params"]
     lines = [[r["module"], "×".join(map(str, r["shape"])), "—" if r["rank_before"] is None else str(r["rank_before"]),
               str(r["numerical_rank"]), str(r["rank"]), f"{r['frobenius']:.6g}", f"{r['error']:.6g}",

@@ -12,7 +12,8 @@ import json
 from importlib import resources
 from typing import Any
 
-from .build import SCHEMA_VERSION, analyze_report, compare_report
+from ..fileio import dumps_json
+from .build import SCHEMA_VERSION, analyze_report, compare_report, json_ready
 from .tables import analyze_header, analyze_tables, compare_header, compare_tables, render_markdown, render_text
 from .types import AnalyzeReport, CompareReport, Report
 
@@ -28,7 +29,7 @@ def load_schema() -> dict[str, Any]:
 def render_report(report: Report, fmt: str = "text") -> str:
     """`report` as text, markdown, json, or html (html: `analyze` reports only)."""
     if fmt == "json":
-        return json.dumps(report, indent=1, ensure_ascii=False) + "\n"
+        return dumps_json(json_ready(report), indent=1, ensure_ascii=False) + "\n"
     if fmt == "html":
         if report["kind"] != "analyze":
             raise ValueError("HTML is rendered for analyze reports only")
@@ -54,6 +55,7 @@ __all__ = [
     "Report",
     "analyze_report",
     "compare_report",
+    "json_ready",
     "load_schema",
     "render_report",
 ]

@@ -1,13 +1,16 @@
 """Turn analysis results into report dicts (`schema.json`): JSON-ready, the single source every
 renderer (text, markdown, JSON, HTML) reads.
 
-Non-finite numbers become null (JSON has no NaN); φ grids become lists of rows, i by j.
+φ grids become lists of rows, i by j. Numbers stay Python floats here (the text renderers
+show a non-finite one as "—"); `json_ready` turns each number that is not a finite float64 into
+null and records why under `null_reasons`, keyed by its JSON Pointer, so JSON output is strict
+RFC 8259 whatever the computation produced.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -31,7 +34,12 @@ if TYPE_CHECKING:
     from ..adapters import Adapter, UpdateInfo
     from ..analysis import AdapterAnalysis, AdapterComparison, ModuleAnalysis
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "2.0"
+NON_FINITE_REASONS = {
+    "nan": "NaN: undefined in float64 (a 0/0 or ∞ − ∞ in its computation)",
+    "inf": "+Infinity: beyond the float64 range (> 1.8e308)",
+    "-inf": "-Infinity: beyond the float64 range (< -1.8e308)",
+}
 
 
 def generator() -> str:
@@ -236,3 +244,29 @@ def _number(x: float | np.floating | None) -> float | None:
     x = float(x)
     return x if math.isfinite(x) else None
 
+
+
+def json_ready(report: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `report` for JSON: every float that is not finite becomes None, and
+    `null_reasons` maps its JSON Pointer (RFC 6901, e.g. "/modules/q/stable_rank") to why."""
+    reasons: dict[str, str] = {}
+    clean: dict[str, Any] = _finite_or_null(dict(report), "", reasons)
+    if reasons:
+        clean["null_reasons"] = reasons
+    return clean
+
+
+def _finite_or_null(value: Any, pointer: str, reasons: dict[str, str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        reasons[pointer] = NON_FINITE_REASONS[repr(value)]
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v, f"{pointer}/{_pointer_token(k)}", reasons) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v, f"{pointer}/{i}", reasons) for i, v in enumerate(value)]
+    return value
+
+
+def _pointer_token(key: str) -> str:
+    """RFC 6901: "~" → "~0", "/" → "~1"."""
+    return str(key).replace("~", "~0").replace("/", "~1")

@@ -8,6 +8,7 @@ import base64
 import html
 from typing import Mapping, Sequence
 
+from ..errors import escaped
 from ..naming import layer_of
 from .grouping import common_prefix, model_order
 from .tables import Table, analyze_header, analyze_tables
@@ -61,15 +62,17 @@ def analyze_figures(report: AnalyzeReport) -> list[tuple[bytes, str]]:
         return []
     figures = [(plots.figure_bytes(plots.spectra_figure(spectra_by_projection(modules))),
                 "Singular values of ΔW per module, normalized by σ₁, by projection type; colour = layer.")]
-    rows, columns = _grid_axes(modules)
+    rows, columns = _grid_axes(modules)  # drawn as tick labels: plain text, never mathtext
     if columns:
         cells: dict[tuple[str, str], float | None] = {
-            (m["projection"], m["layer"]): m["energy_effective_rank"] for m in modules.values() if m["layer"] is not None}
+            (plots.plain_text(m["projection"]), plots.plain_text(m["layer"])): m["energy_effective_rank"]
+            for m in modules.values() if m["layer"] is not None}
         figures.append((plots.figure_bytes(plots.layer_heatmap(
             cells, rows=rows, columns=columns, title="Energy effective rank exp(H(σ²/Σσ²)) of ΔW", label="effective rank")),
             "Energy effective rank per layer and projection type (grey: no LoRA module there)."))
         if report["base"] is not None:
-            cells = {(m["projection"], m["layer"]): base_of(m)["amplification"] for m in modules.values() if m["layer"] is not None}
+            cells = {(plots.plain_text(m["projection"]), plots.plain_text(m["layer"])): base_of(m)["amplification"]
+                     for m in modules.values() if m["layer"] is not None}
             figures.append((plots.figure_bytes(plots.layer_heatmap(
                 cells, rows=rows, columns=columns, title="Amplification ‖ΔW‖_F / ‖UᵀWV‖_F", label="amplification",
                 cmap="magma", log=True)),
@@ -78,11 +81,11 @@ def analyze_figures(report: AnalyzeReport) -> list[tuple[bytes, str]]:
     if report["base"] is not None:
         largest = sorted(modules, key=lambda n: modules[n]["frobenius_norm"], reverse=True)[:MAX_PHI_PANELS]
         prefix = common_prefix(largest)
-        panels = [plots.PhiPanel(base_of(modules[n])["phi_weight"]["phi"], title=n[len(prefix):], xlabel="j (top-j of ΔW)",
+        panels = [plots.PhiPanel(base_of(modules[n])["phi_weight"]["phi"], title=plots.plain_text(n[len(prefix):]), xlabel="j (top-j of ΔW)",
                                  ylabel="i (top-i of W)", dim=base_of(modules[n])["phi_weight"]["dim"]) for n in largest]
         panels = [p for p in panels if len(p.phi) and len(p.phi[0])]
         if panels:
-            suptitle = "φ between W and ΔW (left singular vectors)" + (f" — {prefix}*" if prefix else "")
+            suptitle = "φ between W and ΔW (left singular vectors)" + (f" — {plots.plain_text(prefix)}*" if prefix else "")
             figures.append((plots.figure_bytes(plots.phi_figure(panels, suptitle=suptitle)),
                             f"φ(i, j) between the top-i left singular vectors of W and the top-j of ΔW (paper Figure 8), "
                             f"for the {len(panels)} modules with the largest ‖ΔW‖_F."))
@@ -90,20 +93,25 @@ def analyze_figures(report: AnalyzeReport) -> list[tuple[bytes, str]]:
 
 
 def spectra_by_projection(modules: Mapping[str, ModuleReport]) -> dict[str, list[dict]]:
-    """Module spectra grouped by projection type, in the form `plots.spectra_figure` takes."""
+    """Module spectra grouped by projection type (plain-text titles), in the form
+    `plots.spectra_figure` takes."""
+    from ..plots import plain_text
+
     groups: dict[str, list[dict]] = {}
     for name, m in modules.items():
         layer = layer_of(name)
-        groups.setdefault(m["projection"], []).append(
-            {"label": name, "layer": None if layer is None else layer[1], "values": m["singular_values"]})
+        groups.setdefault(plain_text(m["projection"]), []).append(
+            {"label": plain_text(name), "layer": None if layer is None else layer[1], "values": m["singular_values"]})
     return groups
 
 
 def _grid_axes(modules: Mapping[str, ModuleReport]) -> tuple[list[str], list[str]]:
-    """Rows (projection types) and columns (layers), both in model order."""
+    """Rows (projection types) and columns (layers), both in model order, as plain text."""
+    from ..plots import plain_text
+
     layered = sorted((n for n, m in modules.items() if m["layer"] is not None), key=model_order)
-    rows = list(dict.fromkeys(modules[n]["projection"] for n in sorted(layered, key=lambda n: model_order(n)[1])))
-    columns = list(dict.fromkeys(layer for n in layered if (layer := modules[n]["layer"]) is not None))
+    rows = list(dict.fromkeys(plain_text(modules[n]["projection"]) for n in sorted(layered, key=lambda n: model_order(n)[1])))
+    columns = list(dict.fromkeys(plain_text(layer) for n in layered if (layer := modules[n]["layer"]) is not None))
     return rows, columns
 
 
@@ -124,4 +132,4 @@ def _figure_html(png: bytes, caption: str) -> str:
 
 
 def _e(text: str) -> str:
-    return html.escape(str(text), quote=True)
+    return html.escape(escaped(text), quote=True)

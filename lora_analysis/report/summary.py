@@ -36,7 +36,7 @@ def group_summary(group: str, entries: Sequence[ModuleReport], taus: Sequence[fl
         "group": group,
         "modules": n,
         "parameters": sum(e["parameters"] for e in entries),
-        "frobenius_norm": math.sqrt(sum(e["frobenius_norm"] ** 2 for e in entries)),
+        "frobenius_norm": math.hypot(*(e["frobenius_norm"] for e in entries)),  # no overflow of the squares
         "mean_stable_rank": mean(e["stable_rank"] for e in entries) or 0.0,
         "mean_energy_effective_rank": mean(e["energy_effective_rank"] for e in entries) or 0.0,
         "mean_numerical_rank": mean(e["numerical_rank"] for e in entries) or 0.0,

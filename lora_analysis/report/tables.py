@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..config import BASIS_DESCRIPTIONS
+from ..errors import escaped
 from .grouping import common_prefix
 from .summary import tau_key
 from .types import AnalyzeReport, CompareReport, GroupSummary, PhiGrid, Recommendation, base_of
@@ -196,10 +197,12 @@ def compare_tables(report: CompareReport) -> list[Table]:
 
 def render_text(title: str, header: Sequence[str], tables: Sequence[Table]) -> str:
     """Aligned plain-text tables for the terminal. Long module paths lose their common prefix,
-    which is printed once above the table."""
-    out = [title, "=" * len(title), *header, ""]
+    which is printed once above the table. Text from files (module names, paths) is `escaped`:
+    a name cannot start a new line or send a terminal escape sequence."""
+    out = [title, "=" * len(title), *map(escaped, header), ""]
     for table in tables:
-        columns, rows, notes = table.columns, table.rows, list(table.notes)
+        columns, notes = table.columns, [escaped(n) for n in table.notes]
+        rows = [[escaped(cell) for cell in row] for row in table.rows]
         prefix = common_prefix([row[0] for row in rows]) if columns[0] == "module" else ""
         if prefix:
             rows = [[row[0][len(prefix):], *row[1:]] for row in rows]
@@ -217,8 +220,9 @@ def render_text(title: str, header: Sequence[str], tables: Sequence[Table]) -> s
 
 
 def render_markdown(title: str, header: Sequence[str], tables: Sequence[Table]) -> str:
-    """GitHub-flavoured markdown: a heading per table, pipe tables, notes as a list."""
-    out = [f"# {title}", "", *(f"- {h}" for h in header), ""]
+    """GitHub-flavoured markdown: a heading per table, pipe tables, notes as a list (text from
+    files `escaped`, as in `render_text`)."""
+    out = [f"# {title}", "", *(f"- {_md_cell(h)}" for h in header), ""]
     for table in tables:
         out += [f"## {table.title}", ""]
         out.append(markdown_table(table.columns, table.rows, table.numeric).rstrip("\n"))
@@ -237,7 +241,7 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]], num
 
 
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("*", "\\*").replace("_", "\\_")
+    return escaped(text).replace("|", "\\|").replace("*", "\\*").replace("_", "\\_")
 
 
 def analyze_header(report: AnalyzeReport) -> list[str]:

@@ -164,7 +164,14 @@ class Recommendation(TypedDict):
     saving_fraction: float
 
 
-class AnalyzeReport(TypedDict):
+class _NullReasons(TypedDict, total=False):
+    """Top-level `null_reasons` (schema 2.0): JSON Pointer → why that number is null. Written
+    only into JSON (`build.json_ready`), where a number is not a finite float64."""
+
+    null_reasons: dict[str, str]
+
+
+class AnalyzeReport(_NullReasons):
     """`$defs/analyze_report`: what `lora-analysis analyze` reports."""
 
     schema_version: str
@@ -207,7 +214,7 @@ class CompareSettings(TypedDict):
     modules: list[str] | None
 
 
-class CompareReport(TypedDict):
+class CompareReport(_NullReasons):
     """`$defs/compare_report`: what `lora-analysis compare` reports."""
 
     schema_version: str

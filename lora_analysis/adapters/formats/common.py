@@ -143,6 +143,14 @@ def matricize(files: AdapterFiles, name: str, A: torch.Tensor, B: torch.Tensor, 
     return A, B, kernel
 
 
+def flat_rows(files: AdapterFiles, what: str, factor: torch.Tensor) -> torch.Tensor:
+    """`factor` (n, …) as the matrix (n, ∏…): conv factors flattened per row. One with fewer than
+    two dimensions or without entries has no such matrix and is refused, naming `what`."""
+    if factor.ndim < 2 or factor.numel() == 0:
+        raise files.fail(f"{what} has shape {tuple(factor.shape)}: expected a matrix (or conv factor) with entries")
+    return factor.reshape(factor.shape[0], -1)
+
+
 def scalar(files: AdapterFiles, key: str) -> float:
     """A 0-dim / one-element tensor's value (kohya `.alpha`), finite."""
     tensor = files.tensors.get(key)

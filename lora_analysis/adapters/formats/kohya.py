@@ -138,7 +138,7 @@ class KohyaReader(Reader):
         def build(tensors: dict[str, torch.Tensor]) -> Update:
             if tucker:
                 return tucker_update(files, raw, tensors, alpha, component)
-            r = tensors["A"].shape[0]
+            r = matricize(files, raw, tensors["A"], tensors["B"], label=("lora_down", "lora_up"))[0].shape[0]
             return lora_builder(files, raw, rank_alpha(alpha, r), component=component)(tensors)
 
         return build

@@ -18,7 +18,7 @@ import torch
 from ...errors import shown
 from ..adapter import ModuleSpec
 from ..updates import DenseModule, Update
-from .common import AdapterFiles, Builder, ReadResult, dora_spec_builder, spec, unexpected_key
+from .common import AdapterFiles, Builder, ReadResult, dora_spec_builder, flat_rows, spec, unexpected_key
 from .kohya import LORA_ROLES, KohyaReader, lycoris_epsilon, rank_alpha
 from .peft import check_lokr_roles, loha_update, lokr_update
 
@@ -73,7 +73,8 @@ class LycorisReader(KohyaReader):
                 raise files.fail(f"LoHa module {shown(raw)!r} lacks {', '.join(missing)}")
 
             def loha(tensors: dict[str, torch.Tensor]) -> Update:
-                return loha_update(files, raw, tensors, rank_alpha(alpha, tensors["w1_b"].shape[0]), None, component)
+                r = flat_rows(files, f"hada_w1_b of module {shown(raw)!r}", tensors["w1_b"]).shape[0]
+                return loha_update(files, raw, tensors, rank_alpha(alpha, r), None, component)
 
             return loha
         if kind == "lokr":
@@ -91,9 +92,7 @@ class LycorisReader(KohyaReader):
 
         def full(tensors: dict[str, torch.Tensor]) -> Update:
             diff = tensors["diff"]
-            if diff.ndim < 2:
-                raise files.fail(f"full module {shown(raw)!r}: diff has shape {tuple(diff.shape)}")
-            return DenseModule(alpha=1.0, divisor=1.0, delta=diff.reshape(diff.shape[0], -1),
+            return DenseModule(alpha=1.0, divisor=1.0, delta=flat_rows(files, f"diff of full module {shown(raw)!r}", diff),
                                kernel=tuple(diff.shape[2:]) or None, component=component)
 
         return full

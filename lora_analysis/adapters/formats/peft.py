@@ -35,6 +35,7 @@ from .common import (
     Reader,
     check_no_duplicates,
     dora_spec_builder,
+    flat_rows,
     group_by_suffix,
     lora_builder,
     matricize,
@@ -256,9 +257,9 @@ def loha_update(files: AdapterFiles, name: str, tensors: dict[str, torch.Tensor]
                 config_rank: int | None, component: str | None = None) -> LohaModule:
     """LoHa from hada_w1_a (d_out, r), hada_w1_b (r, d_in…), hada_w2_a, hada_w2_b; s = α/r."""
     w1_a, w1_b, w2_a, w2_b = (tensors[r] for r in ("w1_a", "w1_b", "w2_a", "w2_b"))
-    w1_b, w2_b = w1_b.reshape(w1_b.shape[0], -1), w2_b.reshape(w2_b.shape[0], -1)
+    w1_b, w2_b = (flat_rows(files, f"hada_{r} of module {shown(name)!r}", tensors[r]) for r in ("w1_b", "w2_b"))
     shapes = [tuple(t.shape) for t in (w1_a, w1_b, w2_a, w2_b)]
-    if any(len(s) != 2 for s in shapes) or w1_a.shape[1] != w1_b.shape[0] or w2_a.shape[1] != w2_b.shape[0] \
+    if any(len(s) != 2 or 0 in s for s in shapes) or w1_a.shape[1] != w1_b.shape[0] or w2_a.shape[1] != w2_b.shape[0] \
             or w1_a.shape[0] != w2_a.shape[0] or w1_b.shape[1] != w2_b.shape[1]:
         raise files.fail(f"LoHa module {shown(name)!r} has factors of shapes {shapes} that do not multiply to one ΔW")
     r = w1_b.shape[0]
@@ -302,13 +303,13 @@ def lokr_update(files: AdapterFiles, name: str, tensors: dict[str, torch.Tensor]
             full = tensors[side]
             if side == "w2" and full.ndim > 2:
                 kernel = tuple(full.shape[2:])
-            if full.ndim < 2 or (side == "w1" and full.ndim != 2):
+            if side == "w1" and full.ndim != 2:
                 raise files.fail(f"lokr_{side} of module {shown(name)!r} has shape {tuple(full.shape)}")
-            sides.append(KroneckerFactor(full=full.reshape(full.shape[0], -1)))
+            sides.append(KroneckerFactor(full=flat_rows(files, f"lokr_{side} of module {shown(name)!r}", full)))
         else:
-            a, b = tensors[f"{side}_a"], tensors[f"{side}_b"]
-            b = b.reshape(b.shape[0], -1)
-            if a.ndim != 2 or a.shape[1] != b.shape[0]:
+            a = tensors[f"{side}_a"]
+            b = flat_rows(files, f"lokr_{side}_b of module {shown(name)!r}", tensors[f"{side}_b"])
+            if a.ndim != 2 or 0 in a.shape or a.shape[1] != b.shape[0]:
                 raise files.fail(f"lokr_{side}_a {tuple(a.shape)} and lokr_{side}_b {tuple(b.shape)} of module "
                                  f"{shown(name)!r} do not multiply")
             sides.append(KroneckerFactor(a=a, b=b))
