@@ -22,8 +22,10 @@ BASES = ("A", "B", "dW-left", "dW-right")
 
 ANALYZE_EPILOG = """\
 Metrics of ΔW = s·B·A are computed exactly from the factors (QR + r×r SVD), never by
-forming the d×k matrix. With --base, each module is also compared with its pretrained W
-(paper Table 7 and Figure 8, intruder dimensions); W's SVD is cached on disk.
+forming the d×k matrix. With base weights (--base, or the adapter's recorded
+base_model_name_or_path when it names a built-in model or a local directory), each module is
+also compared with its pretrained W (paper Table 7 and Figure 8, intruder dimensions); W's
+SVD is cached on disk.
 
 examples:
   lora-analysis analyze adapter_model.safetensors
@@ -31,6 +33,7 @@ examples:
   lora-analysis analyze kohya_lora.safetensors --tau 0.8 0.95 --format markdown
   lora-analysis analyze ./adapter --format json -o report.json
   lora-analysis analyze ./adapter --base ./bert-base-uncased --format html -o report.html
+  lora-analysis analyze runs/r8 --base minilm        # the built-in model (found anyway when the adapter records it)
 """
 
 COMPARE_EPILOG = """\
@@ -54,7 +57,12 @@ def register(subparsers) -> None:
         epilog=ANALYZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     analyze.add_argument("adapter", metavar="ADAPTER", help="adapter .safetensors/.bin file or directory (ours, PEFT, kohya, loralib)")
-    analyze.add_argument("--base", metavar="MODEL", help="pretrained weights: Hugging Face model directory or .safetensors file")
+    base = analyze.add_mutually_exclusive_group()
+    base.add_argument("--base", metavar="MODEL",
+                      help="pretrained weights: built-in name (minilm), Hugging Face model directory or .safetensors "
+                           "file (default: the adapter's base_model_name_or_path when it names a built-in model or "
+                           "a local directory)")
+    base.add_argument("--no-base", action="store_true", help="skip the comparison with the pretrained weights")
     analyze.add_argument("--format", choices=REPORT_FORMATS, default="text", help="report format (default: text)")
     analyze.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE (atomically) instead of stdout")
     _add_module_filter(analyze)
@@ -111,10 +119,11 @@ def run_analyze(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.adapter, alpha=args.alpha)
     selected = _select(adapter, args.modules, args.adapter)
     base, base_names = None, None
-    if args.base:
+    source = None if args.no_base else args.base or _recorded_base(adapter, args)
+    if source:
         from ..base_weights import BaseWeights
 
-        base = BaseWeights(args.base)
+        base = BaseWeights(source)
         base_names = {name: base.resolve(name) for name in selected}  # fail before the long work
     _progress(args, f"analyzing {len(selected)} module(s) of {args.adapter}")
     analysis = analyze_adapter(
@@ -156,6 +165,16 @@ def run_compare(args: argparse.Namespace) -> int:
         _progress(args, f"wrote {args.plot}")
     _emit(render_report(report, args.format), args)
     return 0
+
+
+def _recorded_base(adapter, args: argparse.Namespace) -> str | None:
+    """The adapter's own base model when its config names a built-in or a local directory (said on stderr)."""
+    from ..base_weights import recorded_base
+
+    source = recorded_base(adapter)
+    if source:
+        _progress(args, f"base weights: {source} (the adapter's base_model_name_or_path; --no-base skips them)")
+    return source
 
 
 def _select(adapter, patterns: list[str] | None, path: str):

@@ -33,7 +33,7 @@ figcaption { font-size: 0.85em; color: #555; }
 
 def render_html(report: Mapping) -> str:
     """The whole page for an `analyze` report (matplotlib is imported here, lazily)."""
-    title = f"LoRA analysis: {report['adapter']['path']}"
+    title = f"LoRA analysis: {display_name(report['adapter']['path'])}"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -73,17 +73,34 @@ def analyze_figures(report: Mapping) -> list[tuple[bytes, str]]:
                 "Amplification factor per layer and projection type (paper Table 7): how strongly ΔW amplifies "
                 "directions that W does not emphasize."))
     if report["base"] is not None:
-        largest = sorted(modules, key=lambda n: modules[n]["frobenius_norm"], reverse=True)[:MAX_PHI_PANELS]
-        prefix = common_prefix(largest)
-        panels = [plots.PhiPanel(modules[n]["base"]["phi_weight"]["phi"], title=n[len(prefix):], xlabel="j (top-j of ΔW)",
-                                 ylabel="i (top-i of W)", dim=modules[n]["base"]["phi_weight"]["dim"]) for n in largest]
+        # the largest modules by ‖ΔW‖_F, shown in model order (layer by layer)
+        shown = sorted(sorted(modules, key=lambda n: modules[n]["frobenius_norm"], reverse=True)[:MAX_PHI_PANELS],
+                       key=model_order)
+        prefix = common_prefix(shown)
+        panels = [plots.PhiPanel(modules[n]["base"]["phi_weight"]["phi"], title=_panel_title(n, modules[n], prefix),
+                                 xlabel="j (top-j of ΔW)", ylabel="i (top-i of W)",
+                                 dim=modules[n]["base"]["phi_weight"]["dim"]) for n in shown]
         panels = [p for p in panels if len(p.phi) and len(p.phi[0])]
         if panels:
             suptitle = "φ between W and ΔW (left singular vectors)" + (f" — {prefix}*" if prefix else "")
-            figures.append((plots.figure_bytes(plots.phi_figure(panels, suptitle=suptitle)),
+            which = "every module" if len(modules) <= MAX_PHI_PANELS else f"the {len(panels)} modules with the largest ‖ΔW‖_F"
+            figures.append((plots.figure_bytes(plots.phi_figure(panels, suptitle=suptitle, ncols=min(4, len(panels)))),
                             f"φ(i, j) between the top-i left singular vectors of W and the top-j of ΔW (paper Figure 8), "
-                            f"for the {len(panels)} modules with the largest ‖ΔW‖_F."))
+                            f"for {which}, in model order."))
     return figures
+
+
+def display_name(path: str) -> str:
+    """A path as a page title: its last two components (an adapter's directory and file, or its
+    parent and directory), never the local absolute path."""
+    parts = [p for p in str(path).replace("\\", "/").split("/") if p]
+    return "/".join(parts[-2:]) if parts else "adapter"
+
+
+def _panel_title(name: str, module: Mapping, prefix: str) -> str:
+    """"layer 3, query" for a numbered layer, else the name without the common prefix."""
+    layer = layer_of(name)
+    return f"layer {layer[1]}, {module['projection']}" if layer is not None else name[len(prefix):]
 
 
 def spectra_by_projection(modules: Mapping[str, Mapping]) -> dict[str, list[dict]]:
