@@ -164,7 +164,10 @@ def test_analyze_peft_bert_html_with_base(peft_bert, bert_base, tmp_path):
                 self.external.append(tag)
 
     page = Page()
-    page.feed(out.read_text(encoding="utf-8"))
+    html = out.read_text(encoding="utf-8")
+    page.feed(html)
+    assert f"<title>LoRA analysis: {peft_bert.parent.name}/{peft_bert.name}</title>" in html  # no absolute path
+    assert str(tmp_path) not in html.split("<body>")[0]
     assert page.tables == 5  # two summaries, recommendation, modules, against the base weights
     assert len(page.images) == 4  # spectra, effective-rank heatmap, amplification heatmap, φ against W
     assert all(src.startswith("data:image/png;base64,") for src in page.images) and page.external == []
@@ -361,3 +364,22 @@ def test_unwritable_output_is_a_usage_error(ours, tmp_path, capsys):
     plot = tmp_path / "file" / "phi.png"  # parent is a regular file
     assert main(["compare", str(ours), str(ours), "--plot", str(plot), "--quiet"]) == 2
     assert f"{plot}: cannot write" in capsys.readouterr().err
+
+
+def test_analyze_finds_the_recorded_base_and_no_base_skips_it(ours, bert_base, tmp_path, monkeypatch):
+    """An adapter recording a local base directory (relative to the working directory) gets the
+    Table 7 section without --base; --no-base turns it off; a hub id is ignored."""
+    config_path = ours / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = bert_base.name
+    config_path.write_text(json.dumps(config))
+    monkeypatch.chdir(bert_base.parent)
+    assert main(["analyze", str(ours), "--format", "json", "-o", str(tmp_path / "auto.json")]) == 0
+    report = json.loads((tmp_path / "auto.json").read_text())
+    assert report["base"] == {"path": bert_base.name} and all(m["base"] for m in report["modules"].values())
+    assert main(["analyze", str(ours), "--format", "json", "--no-base", "-o", str(tmp_path / "none.json"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "none.json").read_text())["base"] is None
+    config["base_model_name_or_path"] = "org/not-here"
+    config_path.write_text(json.dumps(config))
+    assert main(["analyze", str(ours), "--format", "json", "-o", str(tmp_path / "hub.json"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "hub.json").read_text())["base"] is None

@@ -73,14 +73,7 @@ def analyze_figures(report: Mapping) -> list[tuple[bytes, str]]:
                 "Amplification factor per layer and projection type (paper Table 7): how strongly ΔW amplifies "
                 "directions that W does not emphasize."))
     if report["base"] is not None:
-        # the largest modules by ‖ΔW‖_F, shown in model order (layer by layer)
-        shown = sorted(sorted(modules, key=lambda n: modules[n]["frobenius_norm"], reverse=True)[:MAX_PHI_PANELS],
-                       key=model_order)
-        prefix = common_prefix(shown)
-        panels = [plots.PhiPanel(modules[n]["base"]["phi_weight"]["phi"], title=_panel_title(n, modules[n], prefix),
-                                 xlabel="j (top-j of ΔW)", ylabel="i (top-i of W)",
-                                 dim=modules[n]["base"]["phi_weight"]["dim"]) for n in shown]
-        panels = [p for p in panels if len(p.phi) and len(p.phi[0])]
+        panels, prefix = phi_weight_panels(modules)
         if panels:
             suptitle = "φ between W and ΔW (left singular vectors)" + (f" — {prefix}*" if prefix else "")
             which = "every module" if len(modules) <= MAX_PHI_PANELS else f"the {len(panels)} modules with the largest ‖ΔW‖_F"
@@ -88,6 +81,20 @@ def analyze_figures(report: Mapping) -> list[tuple[bytes, str]]:
                             f"φ(i, j) between the top-i left singular vectors of W and the top-j of ΔW (paper Figure 8), "
                             f"for {which}, in model order."))
     return figures
+
+
+def phi_weight_panels(modules: Mapping[str, Mapping]) -> tuple[list, str]:
+    """φ-against-W panels of the `MAX_PHI_PANELS` modules with the largest ‖ΔW‖_F, in model order
+    (layer by layer), titled "layer 3, q"; and the module paths' common prefix."""
+    from .. import plots
+
+    shown = sorted(sorted(modules, key=lambda n: modules[n]["frobenius_norm"], reverse=True)[:MAX_PHI_PANELS],
+                   key=model_order)
+    prefix = common_prefix(shown)
+    panels = [plots.PhiPanel(modules[n]["base"]["phi_weight"]["phi"], title=_panel_title(n, modules[n], prefix),
+                             xlabel="j (top-j of ΔW)", ylabel="i (top-i of W)", dim=modules[n]["base"]["phi_weight"]["dim"])
+              for n in shown]
+    return [p for p in panels if len(p.phi) and len(p.phi[0])], prefix
 
 
 def display_name(path: str) -> str:

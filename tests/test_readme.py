@@ -1,0 +1,95 @@
+"""The README's examples are real outputs and stay true.
+
+- Each `<!-- example: COMMAND -->` block holds `$ COMMAND` and the stdout it prints; the test
+  runs COMMAND on the quick reproduction's adapters (what `lora-analysis reproduce --quick`
+  trains into `runs/reproduce-minilm-rotten_tomatoes-quick/`) and compares it, numbers to
+  within a rounding of their last printed digit (another BLAS may move float32 results there).
+- The `<!-- figures/claims.md -->` block is the committed verdict table, verbatim.
+
+`LORA_ANALYSIS_UPDATE_README=1 python -m pytest tests/test_readme.py` rewrites both from the
+real outputs instead of comparing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+QUICK_RUN_DIR = Path("runs/reproduce-minilm-rotten_tomatoes-quick")
+EXAMPLE = re.compile(r"<!-- example: (?P<command>.+?) -->\n```\n\$ (?P=command)\n(?P<output>.*?)```\n", re.S)
+CLAIMS = re.compile(r"(<!-- figures/claims\.md -->\n)(?P<table>.*?)(<!-- end figures/claims\.md -->)", re.S)
+NUMBER = re.compile(r"^[-+]?\d[\d,]*\.?\d*(e[-+]?\d+)?%?$")
+UPDATE = os.environ.get("LORA_ANALYSIS_UPDATE_README") == "1"
+
+
+def _run(command: str, cwd: Path, cache: Path) -> str:
+    args = shlex.split(command)
+    assert args[0] == "lora-analysis", command
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LORA_ANALYSIS_CACHE": str(cache)}
+    proc = subprocess.run([sys.executable, "-m", "lora_analysis", *args[1:], "--quiet"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _same(expected: str, actual: str) -> bool:
+    """Token by token; numbers equal within one unit of their last printed digit."""
+    a, b = expected.split(), actual.split()
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x == y:
+            continue
+        if not (NUMBER.match(x) and NUMBER.match(y)):
+            return False
+        fx, fy = (float(t.replace(",", "").rstrip("%")) for t in (x, y))
+        digits = x.replace(",", "").rstrip("%").split("e")[0]
+        if "." not in digits:
+            return False  # counts and shapes are exact
+        last = 10.0 ** -len(digits.split(".")[1])
+        if abs(fx - fy) > 1.01 * last * (10.0 ** int(x.split("e")[1]) if "e" in x else 1.0):
+            return False
+    return True
+
+
+@pytest.mark.integration
+def test_readme_examples_are_real_outputs(quick_reproduction, tmp_path):
+    config, _ = quick_reproduction
+    (tmp_path / QUICK_RUN_DIR).parent.mkdir(parents=True)
+    (tmp_path / QUICK_RUN_DIR).symlink_to(config.run_dir.resolve(), target_is_directory=True)
+    text = README.read_text()
+    examples = list(EXAMPLE.finditer(text))
+    assert examples, "the README shows no example output"
+    for match in examples:
+        actual = _run(match["command"], tmp_path, tmp_path / "cache")
+        if UPDATE:
+            text = text.replace(match.group(0), match.group(0).replace(match["output"], actual))
+        else:
+            assert _same(match["output"], actual), f"README example is stale; it now prints:\n{actual}"
+    if UPDATE:
+        README.write_text(text)
+
+
+def test_readme_verdicts_are_the_committed_ones():
+    text = README.read_text()
+    match = CLAIMS.search(text)
+    assert match, "the README does not show figures/claims.md"
+    committed = (REPO / "figures" / "claims.md").read_text()
+    if UPDATE:
+        README.write_text(text[: match.start("table")] + committed + text[match.end("table"):])
+    else:
+        assert match["table"] == committed
+
+
+def test_number_comparison():
+    assert _same("a 0.1133 b 5.2%", "a 0.1134 b 5.3%") and not _same("a 0.1133", "a 0.1136")
+    assert _same("73,728", "73,728") and not _same("73,728", "73,729")
+    assert _same("1.5e-4", "1.6e-4") and not _same("1.5e-4", "1.8e-4") and not _same("q", "v")
