@@ -155,27 +155,32 @@ def test_check_output_dir_rules(tmp_path):
     from lora_analysis.errors import LoraAnalysisError
     from lora_analysis.reproduce import check_output_dir
 
-    check_output_dir(tmp_path / "new", quick=True)  # missing: fine
+    quick = {"model": "minilm", "data": "rotten_tomatoes", "quick": True}
+    full = {**quick, "quick": False}
+    check_output_dir(tmp_path / "new", quick)  # missing: fine
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("x")
-    check_output_dir(other, quick=True)  # no name in common: fine
+    check_output_dir(other, quick)  # no name in common: fine
     (other / "fig3.png").write_text("x")
     with pytest.raises(LoraAnalysisError, match="fig3.png"):
-        check_output_dir(other, quick=False)
-    check_output_dir(other, quick=False, force=True)
-    full = tmp_path / "full"
-    full.mkdir()
-    (full / "results.json").write_text(json.dumps({"claims": [], "table7": {}, "reproduction": {"quick": False}}))
-    (full / "README.md").write_text("x")
-    check_output_dir(full, quick=False)  # a previous full reproduction is updated
+        check_output_dir(other, full)
+    check_output_dir(other, full, force=True)
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    (previous / "results.json").write_text(json.dumps({"claims": [], "table7": {}, "reproduction": full}))
+    (previous / "README.md").write_text("x")
+    check_output_dir(previous, full)  # a previous full reproduction is updated
     with pytest.raises(LoraAnalysisError, match="holds a full reproduction"):
-        check_output_dir(full, quick=True)  # but not replaced by a first look
-    (full / "results.json").write_text(json.dumps({"claims": [], "table7": {}, "reproduction": {"quick": True}}))
-    check_output_dir(full, quick=True)
+        check_output_dir(previous, quick)  # but not replaced by a first look
+    with pytest.raises(LoraAnalysisError, match="model 'minilm', not 'my-bert'"):
+        check_output_dir(previous, {**full, "model": "my-bert"})  # nor by another experiment
+    (previous / "results.json").write_text(json.dumps({"claims": [], "table7": {}, "reproduction": quick}))
+    check_output_dir(previous, quick)
+    check_output_dir(previous, full)  # a full run may replace a first look
     (tmp_path / "file").write_text("x")
     with pytest.raises(LoraAnalysisError, match="not a directory"):
-        check_output_dir(tmp_path / "file", quick=True)
+        check_output_dir(tmp_path / "file", quick)
 
 
 def test_default_out_depends_on_quick():

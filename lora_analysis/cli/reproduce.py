@@ -21,9 +21,9 @@ table7, table7_layers, rank_table and claims (markdown + CSV), results.json and 
 with the paper's claims tested on this model (sign tests over every layer and seed against
 random-direction nulls). An interrupted run resumes where it stopped.
 
---out may be new, empty, or a previous reproduction (its files are replaced; a full one only
-by another full run); a directory holding other files of the same names is refused unless
---force.
+--out may be new, empty, or a previous reproduction of the same model and data (its files are
+replaced; a full one only by another full run); anything else holding files of the same names
+is refused unless --force.
 """
 
 

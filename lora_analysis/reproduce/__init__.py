@@ -12,7 +12,7 @@ from __future__ import annotations
 from . import claims, render
 from .claims import Claim, ClaimPart, section7_claims
 from .experiment import ReproduceConfig, Runs, train_sweep
-from .render import check_output_dir, render_all
+from .render import check_output_dir, output_record, render_all
 from .section7 import Section7
 
 
@@ -23,7 +23,7 @@ def reproduce(config: ReproduceConfig, command: str = "lora-analysis reproduce")
     (`check_output_dir`; `config.force` overrides). Returns the numbers written to
     `config.out/results.json` (claims included).
     """
-    check_output_dir(config.out, config.quick, config.force)
+    check_output_dir(config.out, output_record(config), config.force)
     runs = train_sweep(config)
     return render_all(Section7(runs), config.out, command, progress=config.progress)
 

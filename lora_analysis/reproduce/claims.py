@@ -169,7 +169,8 @@ def amplification(s7: Section7) -> Claim:
     part = _part(
         f"ΔW_{q}",
         f"amplification(r = {low}) / amplification(r = {high}); amplification = ‖ΔW_{q}‖_F / ‖UᵀW_{q}V‖_F, "
-        f"U, V the top-r singular vectors of the rank-r adapter's ΔW_{q} (same seed)",
+        f"U, V the top-r singular vectors of the rank-r adapter's ΔW_{q} (same seed); below 1 it amplifies "
+        f"nothing: ΔW_{q} is smaller than W_{q}'s own component along those directions",
         _unit_labels(s7.units), np.divide(amps[low], amps[high]), 1.0, "greater",
         f"random directions with each adapter's ‖ΔW_{q}‖_F ({s7.null_draws} Haar draws of U, V per rank): "
         f"median P(amp({low}) > amp({high})) = {np.median(null_probs):.3g} per unit",

@@ -59,8 +59,7 @@ def render_all(s7: Section7, out: Path, command: str, progress: bool = True) -> 
     out.mkdir(parents=True, exist_ok=True)
     config = s7.runs.config
     results: dict = {
-        "reproduction": {"command": command, "model": config.model, "data": config.data, "quick": config.quick,
-                         "null_draws": s7.null_draws},
+        "reproduction": {"command": command, **output_record(config), "null_draws": s7.null_draws},
         "definitions": DEFINITIONS, "layer": s7.runs.layer, "layers": s7.runs.layers, "targets": s7.targets,
     }
     for step in tqdm([fig3, fig4, fig6, fig7, fig8], desc="figures", unit="figure", disable=not progress):
@@ -75,26 +74,39 @@ def render_all(s7: Section7, out: Path, command: str, progress: bool = True) -> 
     return results
 
 
-def check_output_dir(out: Path, quick: bool, force: bool = False) -> None:
-    """Refuse to overwrite a user's files: `out` may be missing, empty, a previous reproduction
-    (its files are replaced; a full one only by another full run), or hold none of the names
-    in `OUTPUT_FILES`. `force` writes anyway."""
+def check_output_dir(out: Path, record: dict, force: bool = False) -> None:
+    """Refuse to overwrite a user's files before any work starts.
+
+    `out` may be missing, empty, hold none of the names in `OUTPUT_FILES`, or be a previous
+    reproduction being updated: same model and data (`record`'s "model", "data"), and not a full
+    run that a quick one (`record["quick"]`) would replace. `force` writes anyway.
+    """
     if out.exists() and not out.is_dir():
         raise LoraAnalysisError(f"{out}: exists and is not a directory")
     if force or not out.exists():
         return
     previous = _previous_reproduction(out)
     if previous is not None:
-        if quick and not previous.get("quick", False):
+        if record["quick"] and not previous.get("quick", False):
             raise LoraAnalysisError(
                 f"{out}: holds a full reproduction; a --quick run would replace it with a first look "
                 f"(choose another --out, or --force)")
+        for key in ("model", "data"):
+            if previous.get(key, record[key]) != record[key]:
+                raise LoraAnalysisError(
+                    f"{out}: holds a reproduction with {key} {previous[key]!r}, not {record[key]!r} "
+                    f"(choose another --out, or --force)")
         return
     clashes = [name for name in OUTPUT_FILES if (out / name).exists()]
     if clashes:
         raise LoraAnalysisError(
             f"{out}: not the output of a previous reproduction, and writing would replace {', '.join(clashes[:4])}"
             f"{', ...' if len(clashes) > 4 else ''} (choose another --out, or --force)")
+
+
+def output_record(config) -> dict:
+    """What `check_output_dir` compares: the experiment a `ReproduceConfig` writes."""
+    return {"model": str(config.model), "data": str(config.data), "quick": config.quick}
 
 
 def _previous_reproduction(out: Path) -> dict | None:
@@ -464,12 +476,14 @@ def readme(s7: Section7, results: dict, command: str, out: Path) -> str:
         "![fig4](fig4.png)",
         "",
         "Top row: the paper's 0–1 scale; bottom row: φ relative to its chance level max(i, j)/d on a log scale "
-        "(white = chance, red = above, blue = below). The random panel is one draw of two random Gaussian matrices.",
+        "(white = chance, red = above, blue = below); contours as in Figure 3. The random panel is one draw of two "
+        "random Gaussian matrices: what chance looks like.",
         "",
         "## Figure 8: ΔW against the pretrained W",
         "",
         "![fig8](fig8.png)",
         "",
+        f"Top row: the paper's 0–1 scale; bottom row: relative to chance (white); contours as in Figure 3. "
         f"Rows i: W_{q}'s top-i left singular vectors; columns j: ΔW_{q}'s top-j (or a random j-subspace). "
         f"φ(i, 1), the share of ΔW_{q}'s top direction inside W_{q}'s top-i directions, against its null "
         f"Beta(i/2, (d − i)/2) [2.5 %, 97.5 %]: "
@@ -520,9 +534,10 @@ def readme(s7: Section7, results: dict, command: str, out: Path) -> str:
 
 
 FIGURE_NOTE = (
-    "Colour: φ on the paper's 0–1 scale; each panel's title gives its largest chance level max(i, j)/d. White "
-    "contours: where φ leaves the band of random subspaces (solid: above its 99th percentile; dashed: below its "
-    "1st) — inside a solid contour the adapters share more than chance."
+    "Colour: φ on the paper's 0–1 scale. Chance, max(i, j)/d, is given per panel: in its title, or below the panels "
+    "when they all share it. White contours: where φ leaves the band of random subspaces, a simultaneous 99 % band "
+    "(a pair of random subspaces crosses it somewhere in only 1 % of draws; solid: above it, dashed: below) — inside a "
+    "solid contour the adapters share more than chance."
 )
 
 
