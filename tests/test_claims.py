@@ -88,18 +88,26 @@ def _sweep(tmp_path, build) -> Section7:
     return Section7(Runs(config, cells))
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORA_ANALYSIS_CACHE", str(tmp_path / "cache"))
+def _claims(tmp_path_factory, build) -> tuple[Section7, dict]:
+    root = tmp_path_factory.mktemp(build.__name__.strip("_"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORA_ANALYSIS_CACHE", str(root / "cache"))  # W's SVD cache stays in the test's folder
+        s7 = _sweep(root, build)
+        return s7, {c.key: c for c in section7_claims(s7)}
 
 
-def _by_key(claims):
-    return {c.key: c for c in claims}
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return _claims(tmp_path_factory, _planted)
 
 
-def test_planted_directions_make_the_claims_hold(tmp_path):
-    s7 = _sweep(tmp_path, _planted)
-    claims = _by_key(section7_claims(s7))
+@pytest.fixture(scope="module")
+def random_world(tmp_path_factory):
+    return _claims(tmp_path_factory, _random)
+
+
+def test_planted_directions_make_the_claims_hold(planted):
+    s7, claims = planted
     a, b, c, d = (claims[k] for k in "abcd")
     assert [p.test.n for p in a.parts] == [12, 12] and a.verdict == "holds"
     assert all(p.test.median > 0.99 and p.null_pass_rate < 1e-6 for p in a.parts)
@@ -117,8 +125,8 @@ def test_planted_directions_make_the_claims_hold(tmp_path):
     assert norms.delta == pytest.approx(np.sqrt(np.sum(SIGMA[8:12] ** 2)), rel=1e-5)
 
 
-def test_random_directions_hold_nothing_beyond_the_null(tmp_path):
-    claims = _by_key(section7_claims(_sweep(tmp_path, _random)))
+def test_random_directions_hold_nothing_beyond_the_null(random_world):
+    _, claims = random_world
     a, b, c, d = (claims[k] for k in "abcd")
     assert a.verdict == "does not hold"  # φ(1, 1) near chance 1/d, far below 0.5 in every unit
     assert all(p.test.other_side == 12 for p in a.parts)
@@ -132,8 +140,8 @@ def test_random_directions_hold_nothing_beyond_the_null(tmp_path):
     assert d.verdict != "holds"
 
 
-def test_claims_serialize_with_their_numbers(tmp_path):
-    claim = section7_claims(_sweep(tmp_path, _random))[0].to_dict()
+def test_claims_serialize_with_their_numbers(random_world):
+    claim = random_world[1]["a"].to_dict()
     part = claim["parts"][0]
     assert len(part["units"]) == len(part["values"]) == 12 and part["units"][0] == "layer 0, seed 0"
     assert {"median", "ci_low", "ci_high", "ci_coverage", "p_value", "n"} <= part["test"].keys()
