@@ -73,6 +73,8 @@ class ClaimPart:
 
 @dataclass
 class Claim:
+    """One of the paper's claims ("a".."d"), in words, with the paper's numbers and its tested parts."""
+
     key: str
     claim: str
     paper: str
@@ -80,6 +82,7 @@ class Claim:
 
     @property
     def verdict(self) -> str:
+        """Holds when every part holds (trivially when every part does), else the worst part's verdict."""
         combined = combine_verdicts([p.test.verdict for p in self.parts])
         return TRIVIAL if combined == "holds" and all(p.trivial for p in self.parts) else combined
 

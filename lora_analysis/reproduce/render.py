@@ -364,7 +364,8 @@ def significant(x: float, digits: int = 6) -> float:
 CLAIMS_HEADER = ["claim (paper)", "part", "value per unit", "n", "median [CI]", "sign test", "under the null", "verdict"]
 CLAIMS_NOTE = (
     "Each part pools n units (layers × seeds), one value per unit, and tests the paper's direction with the exact "
-    "sign test against the reference (units independent): median with its distribution-free ≥ 95 % interval "
+    "sign test against the reference (units treated as independent; the layers of one training run are not "
+    "strictly so): median with its distribution-free ≥ 95 % interval "
     "(order statistics), p two-sided. Verdict: holds when the interval lies on the claimed side, does not "
     "hold when it lies on the other, inconclusive when it contains the reference; holds trivially under "
     "the null when random directions pass the same rule with probability > 0.05. A claim holds when all its "
