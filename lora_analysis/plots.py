@@ -165,9 +165,13 @@ def _band_contours(ax, phi: np.ndarray, band: np.ndarray) -> None:
             contour.set(path_effects=outline)
 
 
+MIN_PANEL_WIDTH = 1.5  # inches: a panel's ticks and title stay legible down to this
+
+
 def phi_figure(panels: Sequence[PhiPanel], *, ncols: int | None = None, suptitle: str | None = None,
-               width: float = TEXT_WIDTH, panel_aspect: float = 1.0) -> Figure:
-    """Heatmaps of φ in a grid, sized for `width` inches (paper Figures 3, 4, 6, 7, 8).
+               width: float | None = None, panel_aspect: float = 1.0) -> Figure:
+    """Heatmaps of φ in a grid, sized for `width` inches (paper Figures 3, 4, 6, 7, 8; default:
+    `TEXT_WIDTH`, wider when more columns would make panels narrower than `MIN_PANEL_WIDTH`).
 
     One colour bar per scale ("absolute": 0–1; "relative": φ / chance on a shared symmetric log
     scale). Axis labels repeated down a column or along a row are kept once. `panel_aspect` is
@@ -179,6 +183,7 @@ def phi_figure(panels: Sequence[PhiPanel], *, ncols: int | None = None, suptitle
     n = len(panels)
     ncols = ncols or (min(n, 4) if n <= 8 else math.ceil(math.sqrt(n * 1.5)))
     nrows = math.ceil(n / ncols)
+    width = width or max(TEXT_WIDTH, ncols * MIN_PANEL_WIDTH + 1.1)
     notes = {chance_note(p) for p in panels} - {None}
     shared_note = notes.pop() if len(notes) == 1 else None
     banded = any(p.band is not None for p in panels)
