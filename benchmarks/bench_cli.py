@@ -10,14 +10,13 @@ fp16, ~320 MB; generated there once). Two fresh processes, alternated `--repeat`
 - cli: `python -m lora_analysis analyze ADAPTER --format json -o report.json --quiet`, the
   full report (every metric and all singular values of every module).
 
-Reports best and median wall time and CPU time (user + system) of each, and the ratios.
+Reports best and median wall time, CPU time (user + system) and peak RSS of each, and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,19 +43,22 @@ with safe_open(sys.argv[1], framework="pt", device="cpu") as f:
 """
 
 
-def measure(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds user + system) of one run of `command` in a fresh process.
+def measure(command: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds user + system, peak RSS in MB) of one run of `command` in a
+    fresh process.
 
     CPU time is the steadier number on a shared machine: other processes stretch the wall
     time, not (much) the CPU time the command itself needs.
     """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, command)
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -70,6 +72,7 @@ def main() -> None:
         generate(adapter, 0)
     walls: dict[str, list[float]] = {"floor": [], "cli": []}
     cpus: dict[str, list[float]] = {"floor": [], "cli": []}
+    peaks: dict[str, list[float]] = {"floor": [], "cli": []}
     with tempfile.TemporaryDirectory() as tmp:
         commands = {
             "floor": [sys.executable, "-c", FLOOR, str(adapter)],
@@ -78,16 +81,19 @@ def main() -> None:
         }
         for _ in range(args.repeat):
             for name, command in commands.items():
-                wall, cpu = measure(command)
+                wall, cpu, peak = measure(command)
                 walls[name].append(wall)
                 cpus[name].append(cpu)
+                peaks[name].append(peak)
     print(f"adapter {adapter.name}, {adapter.stat().st_size / 2**20:.0f} MiB; OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; load average {os.getloadavg()[0]:.2f}")
     for name in walls:
         print(f"{name:6s} wall best {min(walls[name]):6.2f} s  median {statistics.median(walls[name]):6.2f} s   "
-              f"CPU best {min(cpus[name]):6.2f} s  median {statistics.median(cpus[name]):6.2f} s   ({args.repeat} runs)")
+              f"CPU best {min(cpus[name]):6.2f} s  median {statistics.median(cpus[name]):6.2f} s   "
+              f"peak RSS {max(peaks[name]):6.0f} MB   ({args.repeat} runs)")
     print(f"cli / floor: wall (best) {min(walls['cli']) / min(walls['floor']):.2f}x, "
-          f"CPU (median) {statistics.median(cpus['cli']) / statistics.median(cpus['floor']):.2f}x")
+          f"CPU (median) {statistics.median(cpus['cli']) / statistics.median(cpus['floor']):.2f}x, "
+          f"peak RSS {max(peaks['cli']) / max(peaks['floor']):.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,68 +1,112 @@
 """lora_analysis: rank analysis and interpretability of LoRA adapters.
 
 Reproduces Section 7 of "LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., 2021,
-arXiv 2106.09685) on any model: spectra of ΔW = s·B·A from the factors, subspace similarity φ
-across ranks, seeds and layers, and projections of ΔW against the pretrained W.
+arXiv 2106.09685) on any model: spectra of ΔW = s·B·A from the factors (and of AdaLoRA, Tucker,
+LoHa, LoKr, DoRA updates, from adapters of every common format), subspace similarity φ across
+ranks, seeds and layers, and projections of ΔW against the pretrained W.
+
+The names below are imported on first use (PEP 562): `import lora_analysis` loads neither
+torch nor the training code until a name that needs them is used.
 """
 
-from .adapters import Adapter, LoraModule, apply_adapter, load_adapter, save_adapter
-from .analysis import (
-    AdapterAnalysis,
-    adapter_spectra,
-    analyze_adapter,
-    compare_adapters,
-    compare_layers,
-    module_spectrum,
-    subspace_similarity,
-)
-from .base_weights import BaseWeights
-from .config import LoraConfig
-from .errors import AdapterFormatError, LoraAnalysisError, ModuleResolutionError
-from .lora import (
-    LoraLinear,
-    extract_adapter,
-    inject_lora,
-    merge_lora,
-    remove_lora,
-    trainable_parameters,
-    unmerge_lora,
-)
-from .report import analyze_report, compare_report, render_report
-from .training import SweepResult, TrainConfig, TrainResult, run_sweep, train
+from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "Adapter",
-    "AdapterAnalysis",
-    "AdapterFormatError",
-    "BaseWeights",
-    "LoraAnalysisError",
-    "LoraConfig",
-    "LoraLinear",
-    "LoraModule",
-    "ModuleResolutionError",
-    "SweepResult",
-    "TrainConfig",
-    "TrainResult",
-    "adapter_spectra",
-    "analyze_adapter",
-    "analyze_report",
-    "apply_adapter",
-    "compare_adapters",
-    "compare_layers",
-    "compare_report",
-    "extract_adapter",
-    "inject_lora",
-    "load_adapter",
-    "merge_lora",
-    "module_spectrum",
-    "remove_lora",
-    "render_report",
-    "run_sweep",
-    "save_adapter",
-    "subspace_similarity",
-    "train",
-    "trainable_parameters",
-    "unmerge_lora",
-]
+from .lazy import lazy_exports
+from .version import __version__
+
+# public name -> the subpackage or module that defines it
+_EXPORTS = {
+    "AdaLoraModule": ".adapters",
+    "Adapter": ".adapters",
+    "DenseModule": ".adapters",
+    "DoraModule": ".adapters",
+    "ExpertsModule": ".adapters",
+    "KroneckerFactor": ".adapters",
+    "LohaModule": ".adapters",
+    "LokrModule": ".adapters",
+    "LoraModule": ".adapters",
+    "Storage": ".adapters",
+    "TuckerModule": ".adapters",
+    "Update": ".adapters",
+    "UpdateInfo": ".adapters",
+    "load_adapter": ".adapters",
+    "save_adapter": ".adapters",
+    "AdapterAnalysis": ".analysis",
+    "AnalysisOptions": ".analysis",
+    "adapter_spectra": ".analysis",
+    "analyze_adapter": ".analysis",
+    "compare_adapters": ".analysis",
+    "compare_layers": ".analysis",
+    "module_spectrum": ".analysis",
+    "subspace_similarity": ".analysis",
+    "BaseWeights": ".base_weights",
+    "LoraConfig": ".config",
+    "AdapterFormatError": ".errors",
+    "LoraAnalysisError": ".errors",
+    "ModuleResolutionError": ".errors",
+    "LoraLinear": ".lora",
+    "apply_adapter": ".lora",
+    "extract_adapter": ".lora",
+    "inject_lora": ".lora",
+    "merge_lora": ".lora",
+    "remove_lora": ".lora",
+    "trainable_parameters": ".lora",
+    "unmerge_lora": ".lora",
+    "analyze_report": ".report",
+    "compare_report": ".report",
+    "render_report": ".report",
+    "SweepResult": ".training",
+    "TrainConfig": ".training",
+    "TrainResult": ".training",
+    "run_sweep": ".training",
+    "train": ".training",
+}
+
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from .adapters import (
+        AdaLoraModule,
+        Adapter,
+        DenseModule,
+        DoraModule,
+        ExpertsModule,
+        KroneckerFactor,
+        LohaModule,
+        LokrModule,
+        LoraModule,
+        Storage,
+        TuckerModule,
+        Update,
+        UpdateInfo,
+        load_adapter,
+        save_adapter,
+    )
+    from .analysis import (
+        AdapterAnalysis,
+        AnalysisOptions,
+        adapter_spectra,
+        analyze_adapter,
+        compare_adapters,
+        compare_layers,
+        module_spectrum,
+        subspace_similarity,
+    )
+    from .base_weights import BaseWeights
+    from .config import LoraConfig
+    from .errors import AdapterFormatError, LoraAnalysisError, ModuleResolutionError
+    from .lora import (
+        LoraLinear,
+        apply_adapter,
+        extract_adapter,
+        inject_lora,
+        merge_lora,
+        remove_lora,
+        trainable_parameters,
+        unmerge_lora,
+    )
+    from .report import analyze_report, compare_report, render_report
+    from .training import SweepResult, TrainConfig, TrainResult, run_sweep, train
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

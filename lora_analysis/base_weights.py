@@ -2,34 +2,74 @@
 
 Sources: a built-in model name (`minilm`), a Hugging Face model directory (`model.safetensors`,
 sharded safetensors with `model.safetensors.index.json`, or `pytorch_model.bin` loaded with
-weights_only), a single `.safetensors` / `.bin` / `.pt` file, or an in-memory `nn.Module`
-(LoRA-wrapped layers give their frozen base weight). `recorded_base` finds an adapter's own
-base model from its `base_model_name_or_path` when that names a built-in or a local directory. Adapter module names are resolved against the checkpoint's with
+weights_only), a single `.safetensors` / `.bin` / `.pt` file, or an in-memory `nn.Module` (layers
+wrapping a pretrained one, such as `lora.LoraLinear`, give their frozen base weight: see
+`WrappedLayer`). `recorded_base` finds an adapter's own base model from its
+`base_model_name_or_path` when that names a built-in or a local directory. Adapter module names are resolved against the checkpoint's with
 `naming.resolve_module_name` (`base_model.model.`, `bert.`, `model.` prefixes, ...).
 
 W is returned as (d_out, d_in), the `nn.Linear` orientation: GPT-2's Conv1D stores (d_in, d_out)
-and is transposed. For a file, the orientation of a non-square weight follows from its shape and
-the adapter module's (d_out, d_in); a square one follows the module's `fan_in_fan_out`.
+and is transposed, and so is an embedding's (num_embeddings, dim); a conv kernel (c_out, c_in,
+kh, kw) is flattened per output channel, (c_out, c_in·kh·kw), as its updates are. For a file,
+the orientation of a non-square weight follows from its shape and the adapter module's
+(d_out, d_in); a square one follows the module's storage (`Storage.transposed`), and is
+refused where the adapter does not record it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from .adapters import Adapter, LoraModule
+from .adapters import Adapter, Update, UpdateInfo
 from .assets import BUILTIN_MODELS, asset_path
-from .errors import InputFileError, LoraAnalysisError
+from .errors import InputFileError, LoraAnalysisError, ModuleResolutionError
 from .fileio import read_json
-from .lora import LoraLinear, is_conv1d
 from .naming import resolve_module_name
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+@runtime_checkable
+class WrappedLayer(Protocol):
+    """A layer wrapping a pretrained one, as `lora.LoraLinear` (and PEFT's LoRA layers) do.
+
+    W is `get_base_layer().weight`, and only while `merged` is False: a merged layer's weight
+    is W + ΔW. This is the seam that lets in-memory models be read without knowing the LoRA
+    core.
+    """
+
+    merged: bool
+
+    def get_base_layer(self) -> nn.Module: ...
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' `Conv1D` (GPT-2), which stores W as (d_in, d_out). A Conv1D can
+    only exist once transformers is imported, so this never imports transformers itself."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a Linear or Conv1D, whatever the weight's storage orientation."""
+    d0, d1 = weight_of(module).shape
+    return (d1, d0) if is_conv1d(module) else (d0, d1)
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """A layer's `weight` tensor (typed: `nn.Module` attributes may also be modules)."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise LoraAnalysisError(f"{type(module).__name__}.weight is not a tensor")
+    return weight
 
 
 class BaseWeights:
@@ -45,8 +85,9 @@ class BaseWeights:
         self.dtype, self.device = dtype, torch.device(device)
         self._modules: dict[str, nn.Module] = {}
         self._files: dict[str, Path] = {}  # module name → file holding `<name>.weight`
-        self._shapes: dict[str, tuple[int, ...]] = {}  # stored shapes
-        self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}  # stored shapes of the weights (≥ 2-D)
+        self._tensor_shapes: dict[str, tuple[int, ...]] = {}  # every tensor of the files
+        self._bin_cache: dict[Path, dict[str, Any]] = {}  # a weights-only state dict: tensors and more
         if isinstance(source, nn.Module):
             self.source = f"in-memory {type(source).__name__}"
             self._index_module(source)
@@ -54,12 +95,20 @@ class BaseWeights:
             self.source = str(source)
             self._index_files(_weight_files(model_path(source)))
         if not self._shapes:
-            raise LoraAnalysisError(f"{self.source}: no 2-D weights found")
+            raise LoraAnalysisError(f"{self.source}: no weights of 2 or more dimensions found")
 
     @property
     def names(self) -> list[str]:
-        """Module names that have a 2-D `weight`, in checkpoint order."""
+        """Module names that have a `weight` of 2 or more dimensions, in checkpoint order."""
         return list(self._shapes)
+
+    @property
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{tensor name: stored shape} of every tensor (weights, biases, fused parameters), for
+        adapter formats that need the model's shapes to tell layers apart (`load_adapter`)."""
+        if self._modules and not self._tensor_shapes:
+            return {f"{name}.weight": shape for name, shape in self._shapes.items()}
+        return dict(self._tensor_shapes)
 
     def __len__(self) -> int:
         return len(self._shapes)
@@ -71,43 +120,67 @@ class BaseWeights:
             return False
         return True
 
-    def resolve(self, name: str) -> str:
-        """The checkpoint's name for adapter module `name`; `ModuleResolutionError` lists the closest."""
-        return resolve_module_name(name, self._shapes, what=f"base weights {self.source}")
+    def resolve(self, name: str, component: str | None = None, weight_suffix: str | None = None) -> str:
+        """The checkpoint's name for adapter module `name` (of pipeline `component`, when the
+        adapter records one: a checkpoint of several components names it `component.name`;
+        `weight_suffix`: a tool's wrapper keeps W at `name.suffix`, tried second);
+        `ModuleResolutionError` lists the closest."""
+        component, _, path = name.rpartition("/") if "/" in name else (component or "", "", name)
+        if component and f"{component}.{path}" in self._shapes:
+            return f"{component}.{path}"
+        try:
+            return resolve_module_name(path, self._shapes, what=f"base weights {self.source}")
+        except ModuleResolutionError:
+            if not weight_suffix:
+                raise
+            return resolve_module_name(f"{path}.{weight_suffix}", self._shapes, what=f"base weights {self.source}")
 
     def stored_shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[self.resolve(name)]
 
-    def weight(self, name: str, module: LoraModule | None = None) -> torch.Tensor:
-        """W for adapter module `name`, (d_out, d_in).
+    def weight(self, name: str, module: Update | UpdateInfo | None = None) -> torch.Tensor:
+        """W for adapter module `name`, (d_out, d_in); conv kernels flattened per output channel.
 
-        With `module`, W is oriented and checked against its (d_out, d_in); without it, file
-        weights come as stored and in-memory Conv1D weights are transposed.
+        With `module` (an update or its info), W is oriented and checked against its
+        (d_out, d_in); without it, file weights come as stored and in-memory Conv1D weights are
+        transposed.
         """
-        key = self.resolve(name)
+        info = module.info if isinstance(module, Update) else module
+        if info is not None and info.storage.experts:
+            raise LoraAnalysisError(f"module {name}: analyses against the base weights of fused expert parameters "
+                                    "are not supported")
+        key = self.resolve(name, info.component, info.storage.weight_suffix) if info else self.resolve(name)
         stored = self._read(key)
         if not torch.is_floating_point(stored) or not torch.isfinite(stored).all():
             raise LoraAnalysisError(f"{self.source}: weight {key!r} is not finite floating point")
-        transpose = self._is_transposed(key, stored.shape, module)
+        if stored.ndim > 2:
+            stored = stored.reshape(stored.shape[0], -1)
+        transpose = self._is_transposed(key, stored.shape, info)
         W = stored.T if transpose else stored
         return W.to(device=self.device, dtype=self.dtype).contiguous()
 
-    def _is_transposed(self, key: str, shape: torch.Size, module: LoraModule | None) -> bool:
+    def _is_transposed(self, key: str, shape: torch.Size, info: UpdateInfo | None) -> bool:
+        transposed: bool | None
         if key in self._modules:
-            transposed = is_conv1d(self._modules[key])
-        elif module is None:
+            transposed = is_conv1d(self._modules[key]) or isinstance(self._modules[key], nn.Embedding)
+        elif info is None:
             return False
         else:
-            transposed = module.fan_in_fan_out
-        if module is None:
-            return transposed
-        expected, reverse = (module.d_out, module.d_in), (module.d_in, module.d_out)
+            transposed = info.storage.transposed
+        if info is None:
+            return bool(transposed)
+        expected = info.shape
+        reverse = (expected[1], expected[0])
         if expected != reverse:  # non-square: the shape decides
             if tuple(shape) == expected:
                 return False
             if tuple(shape) == reverse:
                 return True
         elif tuple(shape) == expected:
+            if transposed is None:
+                raise LoraAnalysisError(
+                    f"{self.source}: weight {key!r} is square and the adapter does not record whether ΔW is stored "
+                    "transposed (loralib): cannot orient it")
             return transposed
         raise LoraAnalysisError(
             f"{self.source}: weight {key!r} has shape {tuple(shape)}, but the adapter module is "
@@ -116,7 +189,7 @@ class BaseWeights:
 
     def _read(self, key: str) -> torch.Tensor:
         if key in self._modules:
-            return self._modules[key].weight.detach()
+            return weight_of(self._modules[key]).detach()
         path = self._files[key]
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -124,23 +197,26 @@ class BaseWeights:
         return self._bin(path)[f"{key}.weight"]
 
     def _index_module(self, model: nn.Module) -> None:
-        wrapped_bases = {f"{name}.base" for name, m in model.named_modules() if isinstance(m, LoraLinear)}
-        for name, module in model.named_modules():
-            if isinstance(module, LoraLinear):
+        inside: str | None = None  # the path prefix of the wrapper being walked through
+        for name, module in model.named_modules():  # pre-order: a wrapper's parts follow it
+            if inside is not None and name.startswith(inside):
+                continue  # the wrapper's own parts; its base layer is read through the wrapper
+            inside = None
+            if isinstance(module, WrappedLayer):
                 if module.merged:
                     raise LoraAnalysisError(f"{self.source}: LoRA layer {name!r} is merged, so its weight is W + ΔW; unmerge it first")
-                module = module.base
-            elif name in wrapped_bases:
-                continue
+                inside = f"{name}." if name else ""
+                module = module.get_base_layer()
             weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.ndim == 2:
+            if isinstance(weight, torch.Tensor) and weight.ndim >= 2:
                 self._modules[name] = module
                 self._shapes[name] = tuple(weight.shape)
 
     def _index_files(self, files: list[Path]) -> None:
         for path in files:
             for key, shape in self._stored_shapes(path).items():
-                if key.endswith(".weight") and len(shape) == 2:
+                self._tensor_shapes[key] = shape
+                if key.endswith(".weight") and len(shape) >= 2:
                     name = key[: -len(".weight")]
                     self._files[name], self._shapes[name] = path, shape
 
@@ -154,7 +230,7 @@ class BaseWeights:
         except Exception as e:  # noqa: BLE001 — safetensors raises several types for bad files
             raise LoraAnalysisError(f"{path}: cannot read safetensors header ({e})") from None
 
-    def _bin(self, path: Path) -> dict[str, torch.Tensor]:
+    def _bin(self, path: Path) -> dict[str, Any]:
         if path not in self._bin_cache:
             try:  # mmap: tensors are paged in when read, not all at load time
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -1,15 +1,48 @@
-"""`LoraConfig`: one recipe for injecting LoRA and for describing a saved adapter.
+"""`LoraConfig`: one recipe for injecting LoRA and for describing a saved adapter, the scale
+rule s = α/r, and the vocabulary of settings shared by the API and the command line.
 
 Field names follow PEFT's `LoraConfig` so `adapter_config.json` maps onto it one to one.
+Nothing here imports torch: the command line builds its parser from these names.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 ALL_LINEAR = "all-linear"
+
+BasisKind = Literal["A", "B", "dW-left", "dW-right"]
+# The bases φ compares (paper Eq. 4 and its footnote), with what each one is.
+BASIS_DESCRIPTIONS: dict[BasisKind, str] = {
+    "A": "right-singular vectors of A (input space)",
+    "B": "left-singular vectors of B (output space)",
+    "dW-left": "left-singular vectors of ΔW (output space)",
+    "dW-right": "right-singular vectors of ΔW (input space)",
+}
+BASIS_KINDS: tuple[BasisKind, ...] = tuple(BASIS_DESCRIPTIONS)
+
+T = TypeVar("T", bound="DataclassInstance")
+
+
+def scale_divisor(r: int, use_rslora: bool) -> float:
+    """The divisor of α in the LoRA scale: r, or √r with rsLoRA (Kalajdzievski 2023)."""
+    return math.sqrt(r) if use_rslora else float(r)
+
+
+def lora_scale(alpha: float | None, r: int, use_rslora: bool) -> float:
+    """s = α/r (α/√r with rsLoRA); 1.0 when α is unknown (None)."""
+    return 1.0 if alpha is None else alpha / scale_divisor(r, use_rslora)
+
+
+def effective_alpha(alpha: float | None, r: int, use_rslora: bool) -> float:
+    """α, or when it is unknown the α that gives the scale 1.0 used instead (r, or √r)."""
+    return scale_divisor(r, use_rslora) if alpha is None else alpha
 
 
 @dataclass
@@ -54,7 +87,7 @@ class LoraConfig:
         return from_known_fields(cls, data)
 
 
-def from_known_fields(cls: type, data: dict[str, Any]) -> Any:
+def from_known_fields(cls: type[T], data: dict[str, Any]) -> T:
     """`cls(**data)` for a dataclass, dropping keys that are not its fields (newer or foreign
     configs carry more than we model)."""
     known = {f.name for f in fields(cls)}

@@ -27,6 +27,7 @@ import matplotlib
 import numpy as np
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 
 from .errors import LoraAnalysisError
 from .fileio import atomic_path
@@ -43,7 +44,6 @@ TEXT_WIDTH = 6.75  # inches: the full text width of a two-column paper
 TICK_PT = 7.0  # the smallest text anywhere: tick labels, notes, legends
 LABEL_PT = 7.5  # axis and colour-bar labels, panel titles
 SUPTITLE_PT = 8.5
-SAVE_RC = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "path"}  # embedded TrueType, not Type 3
 
 PhiScale = Literal["absolute", "relative"]
 
@@ -59,7 +59,7 @@ class PhiPanel:
     "absolute" (0–1) or "relative" (log₂ of φ / chance).
     """
 
-    phi: np.ndarray
+    phi: np.ndarray | Sequence[Sequence[float | None]]  # JSON rows work too (null: masked)
     title: str = ""
     xlabel: str = "j"
     ylabel: str = "i"
@@ -73,7 +73,7 @@ class PhiPanel:
             return np.asarray(self.chance, dtype=float)
         if not self.dim:
             return None
-        n_i, n_j = np.shape(self.phi)
+        n_i, n_j = np.asarray(self.phi, dtype=float).shape
         return np.maximum(np.arange(1, n_i + 1)[:, None], np.arange(1, n_j + 1)[None, :]) / self.dim
 
 
@@ -115,7 +115,7 @@ def draw_phi(ax, panel: PhiPanel, *, norm: Normalize | None = None, chance_in_ti
     data = _relative(panel) if panel.scale == "relative" else np.asarray(panel.phi, dtype=float)
     if norm is None:
         norm = Normalize(-2.0, 2.0) if panel.scale == "relative" else Normalize(0.0, 1.0)
-    shown = np.ma.masked_invalid(np.where(np.isneginf(data), norm.vmin, data))
+    shown = np.ma.masked_invalid(np.where(np.isneginf(data), float(norm.vmin or 0.0), data))
     n_i, n_j = shown.shape
     image = ax.imshow(
         shown, cmap=_cmap(RELATIVE_CMAP if panel.scale == "relative" else PHI_CMAP), norm=norm, origin="upper",
@@ -149,8 +149,10 @@ def chance_note(panel: PhiPanel) -> str | None:
 
 
 def _band_contours(ax, phi: np.ndarray, band: np.ndarray) -> None:
-    """Contours where φ leaves the random band: solid above its high edge, dashed below its low."""
+    """Contours where φ leaves the random band: solid above its high edge, dashed below its low;
+    a panel wholly above (below) the band is outlined just inside its edge."""
     from matplotlib import patheffects
+    from matplotlib.patches import Rectangle
 
     n_i, n_j = phi.shape
     if min(n_i, n_j) < 2:
@@ -159,10 +161,15 @@ def _band_contours(ax, phi: np.ndarray, band: np.ndarray) -> None:
     outline = [patheffects.withStroke(linewidth=1.8, foreground="black")]
     for edge, style in ((band[1], "solid"), (band[0], "dashed")):
         excess = np.ma.masked_invalid(phi - edge if style == "solid" else edge - phi)
+        linestyle = "solid" if style == "solid" else (0, (3, 2))
         if excess.count() and excess.max() > 0 and excess.min() < 0:
-            contour = ax.contour(j, i, excess, levels=[0.0], colors="white", linewidths=0.9,
-                                 linestyles=["solid" if style == "solid" else (0, (3, 2))])
+            contour = ax.contour(j, i, excess, levels=[0.0], colors="white", linewidths=0.9, linestyles=[linestyle])
             contour.set(path_effects=outline)
+        elif excess.count() and excess.min() > 0:  # every cell outside the band: the contour is the panel's edge
+            inset = 0.02
+            ax.add_patch(Rectangle((0.5 + inset * n_j, 0.5 + inset * n_i), (1 - 2 * inset) * n_j, (1 - 2 * inset) * n_i,
+                                   fill=False, edgecolor="white", linewidth=0.9, linestyle=linestyle,
+                                   path_effects=outline))
 
 
 MIN_PANEL_WIDTH = 1.5  # inches: a panel's ticks and title stay legible down to this
@@ -193,8 +200,8 @@ def phi_figure(panels: Sequence[PhiPanel], *, ncols: int | None = None, suptitle
     row_height = panel_width * panel_aspect + 0.3 + 0.13 * title_lines
     footer_lines = (2 * banded + (shared_note is not None)) if width <= 5 else 1
     height = nrows * row_height + 0.1 + (0.22 if suptitle else 0.0) + 0.14 * footer_lines * footer
-    fig = Figure(figsize=(width, height), layout="constrained", dpi=_dpi(width, height, 300.0))
-    fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.02, hspace=0.02)
+    layout = ConstrainedLayoutEngine(w_pad=0.02, h_pad=0.02, wspace=0.02, hspace=0.02)
+    fig = Figure(figsize=(width, height), layout=layout, dpi=_dpi(width, height, 300.0))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     norms = {"absolute": Normalize(0.0, 1.0)}
     relative = [p for p in panels if p.scale == "relative"]
@@ -202,14 +209,14 @@ def phi_figure(panels: Sequence[PhiPanel], *, ncols: int | None = None, suptitle
         limit = _relative_limit(relative)
         norms["relative"] = Normalize(-limit, limit)
     max_ticks = max(3, min(5, int(panel_width / 0.28)))
-    images = {}
+    images: dict[PhiScale, list] = {}
     for ax, panel in zip(axes, panels):
         image = draw_phi(ax, panel, norm=norms[panel.scale], chance_in_title=shared_note is None, max_ticks=max_ticks)
         images.setdefault(panel.scale, []).append((ax, image))
         ax.set_box_aspect(panel_aspect)
     for ax in axes[n:]:
         ax.set_visible(False)
-    _drop_repeated_labels(axes[:n], ncols)
+    _drop_repeated_labels(list(axes[:n]), ncols)
     for scale, drawn in images.items():
         _phi_colorbar(fig, drawn, scale, norms[scale])
     if footer:
@@ -238,10 +245,10 @@ def _phi_colorbar(fig: Figure, drawn: list, scale: PhiScale, norm: Normalize) ->
                         pad=0.02, fraction=0.05)
     cbar.ax.tick_params(labelsize=TICK_PT, length=2, pad=1.5)
     if scale == "relative":
-        limit = int(norm.vmax)
+        limit = int(norm.vmax or 1)
         step = 1 if limit <= 3 else 2
         ticks = np.arange(-limit, limit + 1, step)
-        cbar.set_ticks(ticks, labels=[_power_of_two(int(t)) for t in ticks])
+        cbar.set_ticks(ticks.tolist(), labels=[_power_of_two(int(t)) for t in ticks])
         cbar.set_label("$\\phi$ / chance", fontsize=LABEL_PT, labelpad=2)
     else:
         cbar.set_label("$\\phi(i, j)$", fontsize=LABEL_PT, labelpad=2)
@@ -270,23 +277,23 @@ def _footer(fig: Figure, *, banded: bool, note: str | None) -> None:
                handlelength=2.4, handletextpad=0.7, columnspacing=1.2, borderaxespad=0.1)
 
 
-def compare_figure(report: Mapping, *, reference: bool = True) -> Figure:
+def compare_figure(report: Mapping, *, reference: np.ndarray | None = None, prefix: str = "") -> Figure:
     """φ heatmap of every module pair of a `compare` report (dict or parsed JSON), paper
-    Figures 3/4; `reference` adds a panel of two random subspaces of the first pair's sizes
-    (Figure 4, third panel). Titles drop the module paths' common prefix (in the suptitle)."""
-    from .analysis import random_reference_grid
-    from .report.grouping import common_prefix
+    Figures 3/4.
 
+    reference: a φ grid of two random subspaces (Figure 4, third panel), drawn last with the
+        first pair's dimension d. prefix: the module paths' common prefix, dropped from the
+        panel titles and shown once in the suptitle. `report.compare_figure` supplies both.
+    """
     pairs = report["pairs"]
-    prefix = common_prefix(list(pairs))
     panels = [
         PhiPanel(np.array(pair["phi"], dtype=float), title=name[len(prefix):], dim=pair["dim"],
                  xlabel=f"j (adapter B, r={pair['r_b']})", ylabel=f"i (adapter A, r={pair['r_a']})")
         for name, pair in pairs.items()
     ]
-    if reference and panels:
-        (n_i, n_j), dim = panels[0].phi.shape, panels[0].dim
-        panels.append(PhiPanel(random_reference_grid(dim, n_i, n_j), title=f"random subspaces (d={dim})",
+    if reference is not None and panels:
+        (n_i, n_j), dim = np.shape(reference), panels[0].dim
+        panels.append(PhiPanel(np.asarray(reference, dtype=float), title=f"random subspaces (d={dim})",
                                xlabel=f"j (random, {n_j} dims)", ylabel=f"i (random, {n_i} dims)", dim=dim))
     suptitle = f"Subspace similarity φ(i, j), basis {report['basis']}" + (f" — {prefix}*" if prefix else "")
     return phi_figure(panels, suptitle=suptitle)
@@ -346,7 +353,7 @@ def spectra_figure(spectra: Mapping[str, Sequence[Mapping]], *, normalize: bool 
     return fig
 
 
-def layer_heatmap(values: Mapping[tuple[str, str], float], *, rows: Sequence[str], columns: Sequence[str],
+def layer_heatmap(values: Mapping[tuple[str, str], float | None], *, rows: Sequence[str], columns: Sequence[str],
                   title: str, label: str, cmap: str = "viridis", log: bool = False,
                   annotate: bool | None = None, fmt: str = "{:.3g}") -> Figure:
     """Heatmap of one metric with projection types as rows and layers as columns.
@@ -364,6 +371,7 @@ def layer_heatmap(values: Mapping[tuple[str, str], float], *, rows: Sequence[str
     fig = Figure(figsize=(max(width, 4.0), max(height, 2.2)), layout="constrained")
     ax = fig.subplots()
     finite = grid[np.isfinite(grid)]
+    norm: Normalize
     if log and finite.size and finite.min() > 0 and finite.max() > 10 * finite.min():
         from matplotlib.colors import LogNorm
 
@@ -415,7 +423,7 @@ def _savefig(fig: Figure, target, fmt: str, dpi: float | None) -> None:
     level = font_log.level
     font_log.setLevel(logging.ERROR)
     try:
-        with matplotlib.rc_context(SAVE_RC):
+        with matplotlib.rc_context({"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "path"}):  # embedded TrueType, not Type 3
             fig.savefig(target, format=fmt, dpi=dpi or fig.dpi, metadata=_reproducible_metadata(fmt))
     finally:
         font_log.setLevel(level)

@@ -172,13 +172,17 @@ def test_kohya_file(tmp_path):
     }, tmp_path / "k.safetensors")
     adapter = load_adapter(tmp_path / "k.safetensors")
     assert adapter.source_format == "kohya" and adapter.alpha_known
-    q = adapter["lora_te_text_model_encoder_layers_0_self_attn_q_proj"]
+    # Module names as the model names them (issue 10): component, then the demangled path.
+    q_name, conv_name = "text_encoder/text_model.encoder.layers.0.self_attn.q_proj", "unet/conv_in"
+    assert list(adapter.modules) == [q_name, conv_name]
+    q = adapter[q_name]
     assert torch.equal(q.A, down) and torch.equal(q.B, up) and q.scale == 0.5
     torch.testing.assert_close(q.delta_weight(), 0.5 * up @ down)
-    conv = adapter["lora_unet_conv_in"]
+    conv = adapter[conv_name]
     assert (conv.r, conv.d_in, conv.d_out, conv.scale) == (2, 8 * 9, 16, 1.0)
-    torch.testing.assert_close(conv.delta_weight(), conv_up.flatten(1) @ conv_down.flatten(1))
-    assert adapter.config.rank_for("lora_unet_conv_in") == 2 and adapter.config.alpha_for("lora_unet_conv_in") == 2.0
+    torch.testing.assert_close(conv.delta_weight().flatten(1), conv_up.flatten(1) @ conv_down.flatten(1))
+    assert conv.delta_weight().shape == (16, 8, 3, 3)  # the conv kernel's storage shape
+    assert adapter.config.rank_for("unet/conv_in") == 2 and adapter.config.alpha_for("unet/conv_in") == 2.0
 
 
 def test_loralib_torch_file(tmp_path):

@@ -81,7 +81,13 @@ def test_unsupported_adapter_kinds(tmp_path, config, problem):
 
 def test_dora_magnitude_tensor(tmp_path):
     tensors = {**good_tensors(), f"{P}.lora_magnitude_vector": torch.ones(5)}
-    assert_refused(write(tmp_path / "dora.safetensors", tensors), "unsupported LoRA tensor")
+    # Issue 10: a lone PEFT file with magnitudes is DoRA, read as such (α unknown: no config).
+    with pytest.warns(UserWarning, match="alpha unknown"):
+        assert load_adapter(write(tmp_path / "dora.safetensors", tensors)).info("layer.fc").kind == "dora"
+    not_dora = {"adapter_config": json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2})}
+    assert_refused(write(tmp_path / "dora_config.safetensors", tensors, not_dora), "does not set use_dora")
+    unknown = {**good_tensors(), f"{P}.lora_Q.weight": torch.ones(2, 6)}
+    assert_refused(write(tmp_path / "unknown.safetensors", unknown), "unsupported LoRA tensor")
 
 
 @pytest.mark.parametrize("drop,problem", [("lora_B", "has lora_A but no lora_B"), ("lora_A", "has lora_B but no lora_A")])

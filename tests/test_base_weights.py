@@ -28,6 +28,31 @@ def test_in_memory_model_resolves_prefixes(tiny_bert):
     assert W.dtype == torch.float32 and W.shape == (32, 32)
 
 
+def test_any_wrapped_layer_gives_its_base_weight():
+    """In-memory models are read through the `WrappedLayer` protocol, not the LoRA core: a
+    wrapper of another library (PEFT-style `get_base_layer()` / `merged`) works the same, its
+    own trainable layers are not base weights, and a merged wrapper is refused."""
+    from torch import nn
+
+    class Wrapper(nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer, self.adapter_down, self.merged = base, nn.Linear(4, 2), False
+
+        def get_base_layer(self):
+            return self.base_layer
+
+    model = nn.Sequential()
+    model.add_module("proj", Wrapper(nn.Linear(4, 3)))
+    model.add_module("head", nn.Linear(3, 2))
+    base = BaseWeights(model)
+    assert base.names == ["proj", "head"]
+    assert torch.equal(base.weight("proj"), model.proj.base_layer.weight)
+    model.proj.merged = True
+    with pytest.raises(LoraAnalysisError, match="'proj' is merged"):
+        BaseWeights(model)
+
+
 @pytest.mark.parametrize("layout", ["directory", "sharded", "single file", "bin"])
 def test_files_read_lazily_and_resolve(tiny_bert, tmp_path, layout):
     if layout == "bin":

@@ -21,6 +21,7 @@ from lora_analysis import LoraConfig, extract_adapter, inject_lora, load_adapter
 from lora_analysis.cli import main
 from lora_analysis.report import load_schema
 from lora_test_utils import randomize_lora
+from report_tables import column, html_tables, shown
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft
 
@@ -172,6 +173,22 @@ def test_analyze_peft_bert_html_with_base(peft_bert, bert_base, tmp_path):
     assert len(page.images) == 4  # spectra, effective-rank heatmap, amplification heatmap, φ against W
     assert all(src.startswith("data:image/png;base64,") for src in page.images) and page.external == []
 
+    # The page shows the JSON report's numbers, module by module and column by column.
+    result = cli("analyze", peft_bert, "--base", bert_base, "--format", "json", "--quiet")
+    data = validated(result.stdout)
+    tables = html_tables(out.read_text(encoding="utf-8"))
+    base, modules = tables["Against the base weights"], tables["Modules"]
+    assert sorted(row[0] for row in base[1]) == sorted(data["modules"]) == sorted(row[0] for row in modules[1])
+    for module, entry in data["modules"].items():
+        b = entry["base"]
+        assert float(column(base, "‖W‖_F")[module]) == shown(b["weight_frobenius_norm"], 4)
+        for label, key in (("‖UᵀWV‖ ΔW", "delta"), ("‖UᵀWV‖ W", "weight"), ("‖UᵀWV‖ random", "random")):
+            assert float(column(base, label)[module]) == shown(b["projection_norms"][key], 4), (module, label)
+        assert float(column(base, "amplification")[module]) == shown(b["amplification"], 3)
+        assert column(base, "intruders")[module] == f"{b['intruders']['count']}/{b['intruders']['top_k']}"
+        assert float(column(modules, "‖ΔW‖_F")[module]) == shown(entry["frobenius_norm"], 4)
+        assert float(column(modules, "stable rank")[module]) == shown(entry["stable_rank"], 3)
+
 
 def test_analyze_peft_gpt2_conv1d_against_base(peft_gpt2):
     adapter_path, base = peft_gpt2
@@ -204,7 +221,8 @@ def test_analyze_kohya_markdown(kohya):
     result = cli("analyze", kohya, "--format", "markdown", "--tau", "0.5", "0.95")
     assert result.returncode == 0, result.stderr
     md = result.stdout
-    assert "| lora\\_te\\_text\\_model\\_encoder\\_layers\\_0\\_self\\_attn\\_q\\_proj | 16×24 | 4 | 2 | 0.5 |" in md
+    # Module names as the model names them (issue 10), not kohya's mangled lora name.
+    assert "| text\\_model.encoder.layers.0.self\\_attn.q\\_proj | 16×24 | 4 | 2 | 0.5 |" in md
     assert "| r@50% | r@95% |" in md and "(kohya" in md
 
 
@@ -363,7 +381,11 @@ def test_unwritable_output_is_a_usage_error(ours, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     plot = tmp_path / "file" / "phi.png"  # parent is a regular file
     assert main(["compare", str(ours), str(ours), "--plot", str(plot), "--quiet"]) == 2
-    assert f"{plot}: cannot write" in capsys.readouterr().err
+    assert f"{plot}: '{tmp_path / 'file'}' is not an existing folder" in capsys.readouterr().err
+    missing = tmp_path / "missing" / "x.json"  # never created behind the user's back
+    assert main(["analyze", str(ours), "-o", str(missing), "--quiet"]) == 2
+    assert f"{missing}: '{missing.parent}' is not an existing folder" in capsys.readouterr().err
+    assert not missing.parent.exists()
 
 
 def test_analyze_finds_the_recorded_base_and_no_base_skips_it(ours, bert_base, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import json
+import re
 
 import numpy as np
 import pytest
@@ -63,7 +64,7 @@ def test_text_file_for_causal_lm(tmp_path):
         ("empty.csv", "", r"empty\.csv: empty file"),
         ("blank.csv", "text,label\nok,a\n ,b\n", r"blank\.csv:3: empty text"),
         ("nolabel.tsv", "text\tlabel\nok\ta\nfine\t\n", r"nolabel\.tsv:3: empty label"),
-        ("bad.jsonl", '{"text": "a", "label": 1}\n{"text": "b", label: 0}\n', r"bad\.jsonl:2: invalid JSON"),
+        ("bad.jsonl", '{"text": "a", "label": 1}\n{"text": "b", label: 0}\n', r"bad\.jsonl:2: corrupt JSONL record: not valid JSON"),
         ("list.jsonl", '[1, 2]\n', r"list\.jsonl:1: expected a JSON object"),
         ("field.jsonl", '{"text": "a", "label": 1}\n\n{"text": "b"}\n', r"field\.jsonl:3: missing field\(s\) \['label'\]"),
         ("one.csv", "text,label\nx,a\ny,a\n", r"one\.csv: classification needs at least 2 labels"),
@@ -182,3 +183,63 @@ def test_length_grouped_ranks_split_the_single_process_batch():
     ddp = ShuffledStream(500, seed=0, lengths=lengths, global_batch=4 * 2)
     for step in range(70):  # crosses an epoch boundary
         assert ddp.batch(step, 4, 0, 2) + ddp.batch(step, 4, 1, 2) == single.batch(step, 8)
+
+
+@pytest.mark.parametrize("content, first, second", [
+    ("text,label\na,1\nb,0\nc,1.0\n", "'1' (line 2)", "'1.0' (line 4)"),
+    ("text,label\na,01\nb,1\n", "'01' (line 2)", "'1' (line 3)"),
+    ("text,label\na,2\nb,2e0\n", "'2' (line 2)", "'2e0' (line 3)"),
+])
+def test_one_number_spelled_two_ways_is_refused_not_split_into_two_classes(tmp_path, content, first, second):
+    expected = re.escape(f"d.csv: labels {first} and {second} are the same number spelled differently")
+    with pytest.raises(LoraAnalysisError, match=expected):
+        load_dataset(write(tmp_path / "d.csv", content))
+
+
+def test_label_spellings_rule_covers_jsonl_numbers_and_given_labels(tmp_path):
+    jsonl = write(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": "c", "label": 1.0}\n')
+    with pytest.raises(LoraAnalysisError, match=r"labels '1' \(line 1\) and '1\.0' \(line 3\)"):
+        load_dataset(jsonl)
+    csv_path = write(tmp_path / "d.csv", "text,label\na,1.0\nb,0.0\n")
+    with pytest.raises(LoraAnalysisError, match=r"labels '1' \(--labels\) and '1\.0' \(line 2\)"):
+        load_dataset(csv_path, labels=["0", "1"])
+    assert load_dataset(csv_path).label_names == ["0.0", "1.0"]  # one spelling each: fine
+    strings = write(tmp_path / "s.jsonl", '{"text": "a", "label": "1"}\n{"text": "b", "label": 2}\n')
+    assert load_dataset(strings).label_names == ["1", "2"]  # "1" and 1 are spelled alike
+
+
+def test_a_null_label_names_file_and_line(tmp_path):
+    path = write(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": null}\n')
+    with pytest.raises(LoraAnalysisError, match=r"d\.jsonl:2: label 'label' is null"):
+        load_dataset(path)
+
+
+def test_a_jsonl_record_with_nan_is_refused(tmp_path):
+    path = write(tmp_path / "d.jsonl", '{"text": "a", "label": NaN}\n')
+    with pytest.raises(LoraAnalysisError, match=r"d\.jsonl:1: corrupt JSONL record: not valid JSON \(NaN is not a JSON number\)"):
+        load_dataset(path)
+
+
+def _compressed(suffix: str, data: bytes) -> bytes:
+    import gzip
+    import lzma
+
+    return {".gz": gzip.compress, ".xz": lzma.compress, ".bz2": bz2.compress}[suffix](data)
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".xz", ".bz2"])
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "garbage"])
+def test_corrupt_compressed_files_are_refused_naming_the_file(tmp_path, suffix, damage):
+    rows = "".join(f"text number {i},{'ab'[i % 2]}\n" for i in range(400)).encode()
+    packed = bytearray(_compressed(suffix, b"text,label\n" + rows))
+    if damage == "flipped":
+        for i in range(len(packed) // 3, len(packed) // 3 + 16):
+            packed[i] ^= 0xFF
+    elif damage == "truncated":
+        packed = packed[: len(packed) // 2]
+    else:
+        packed = bytearray(b"not compressed at all" * 10)
+    path = tmp_path / f"d.csv{suffix}"
+    path.write_bytes(bytes(packed))
+    with pytest.raises(LoraAnalysisError, match=rf"^{re.escape(str(path))}(:\d+)?: "):
+        load_dataset(path)

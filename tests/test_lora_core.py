@@ -222,3 +222,37 @@ def test_ranks_start_from_independent_subspaces(tiny_bert):
     # φ(4, 16) of the row spaces: chance E = 16/d = 0.5 (d = 32); a shared stream gives 1
     Q4, Q16 = torch.linalg.qr(A4.T).Q, torch.linalg.qr(A16.T).Q
     assert float((Q4.T @ Q16).pow(2).sum() / 4) < 0.9
+
+
+def test_injecting_twice_is_refused_and_the_model_left_as_it_was(tiny_bert, token_ids):
+    """A second inject_lora would wrap LoRA in LoRA (regex or all-linear targets reach the
+    `.base` layers) and hide the first config; merge_lora then failed with AttributeError."""
+    model = randomize_lora(inject_lora(tiny_bert, LoraConfig(r=4, target_modules=QV), seed=0))
+    before, config = logits(model, token_ids), model.lora_config
+    for targets in (QV, "all-linear", r".*query.*"):
+        with pytest.raises(LoraAnalysisError, match=r"already has 4 LoRA layer\(s\).*remove_lora first"):
+            inject_lora(model, LoraConfig(r=2, target_modules=targets), seed=1)
+    assert model.lora_config is config and len(list(lora_layers(model))) == 4
+    assert not any(isinstance(layer.base, LoraLinear) for layer in lora_layers(model))
+    assert torch.equal(logits(model, token_ids), before)
+    merge_lora(model)  # still works
+    inject_lora(remove_lora(model), LoraConfig(r=2, target_modules=QV), seed=1)  # after remove_lora: fine
+
+
+def test_unknown_alpha_gives_scale_one_with_and_without_rslora(tiny_bert):
+    for rslora in (False, True):
+        model = inject_lora(copy.deepcopy(tiny_bert), LoraConfig(r=4, lora_alpha=None, use_rslora=rslora), seed=0)
+        assert {layer.scale for layer in lora_layers(model)} == {1.0}, rslora
+        assert {m.scale for m in extract_adapter(model).modules.values()} == {1.0}
+
+
+def test_layer_and_adapter_share_one_scale_and_delta_weight(tiny_gpt2):
+    """`LoraLinear` and `LoraModule` compute s and ΔW by the same rule (config.lora_scale,
+    adapters.delta_weight): equal to the bit, Conv1D orientation included."""
+    config = LoraConfig(r=4, lora_alpha=6, use_rslora=True, target_modules=["c_attn"])
+    model = randomize_lora(inject_lora(tiny_gpt2, config, seed=0))
+    adapter = extract_adapter(model)
+    for name, layer in named_lora_layers(model):
+        assert layer.scale == adapter[name].scale == 6 / 2
+        assert torch.equal(layer.delta_weight(), adapter[name].delta_weight())
+        assert layer.delta_weight().shape == (32, 96)  # Conv1D stores (d_in, d_out)

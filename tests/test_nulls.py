@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.stats import kstest
+from scipy.stats import beta, kstest
 
 from lora_analysis.analysis.similarity import phi_grid
 from lora_analysis.analysis.nulls import (
+    BetaLaw,
     haar_frames,
     phi_column_null,
     phi_null_band,
@@ -16,18 +17,24 @@ from lora_analysis.analysis.nulls import (
     projection_null_samples,
 )
 from lora_analysis.errors import LoraAnalysisError
+from lora_analysis.seeding import seeded_generator
 
 
-def _qr_frames(d: int, k: int, count: int, seed: int) -> torch.Tensor:
-    """Haar frames by Householder QR with a sign-fixed R: a sampler independent of `haar_frames`."""
+def _other_frames(d: int, k: int, count: int, seed: int) -> torch.Tensor:
+    """Haar frames by Cholesky (Q = G R⁻¹ with RᵀR = GᵀG, the Q of G's QR with a positive
+    diagonal): a sampler independent of `haar_frames` (Householder QR)."""
     G = torch.randn(count, d, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    Q, R = torch.linalg.qr(G)
-    return Q * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))[:, None, :]
+    L = torch.linalg.cholesky(G.mT @ G)
+    return torch.linalg.solve_triangular(L, G.mT, upper=False).mT
+
+
+def _frames(d: int, k: int, count: int, seed: int) -> torch.Tensor:
+    return haar_frames(d, k, count, seeded_generator(seed, "test"))
 
 
 def _direct_norms(W: torch.Tensor, r: int, count: int, seed: int) -> np.ndarray:
-    """‖UᵀWV‖_F with the full W, U and V from `_qr_frames`."""
-    U, V = _qr_frames(W.shape[0], r, count, seed), _qr_frames(W.shape[1], r, count, seed + 1)
+    """‖UᵀWV‖_F with the full W, U and V from `_other_frames`."""
+    U, V = _other_frames(W.shape[0], r, count, seed), _other_frames(W.shape[1], r, count, seed + 1)
     return torch.linalg.matrix_norm(U.mT @ W @ V).numpy()
 
 
@@ -61,8 +68,8 @@ def test_full_rank_projection_has_no_variance():
 def test_samples_from_singular_values_have_the_law_of_the_full_weight():
     d_out, d_in, r, draws = 10, 7, 3, 4000
     W = _weight(d_out, d_in, seed=2)
-    samples = projection_null_samples(np.linalg.svd(W, compute_uv=False), haar_frames(d_out, 4, draws, 1),
-                                      haar_frames(d_in, 4, draws, 2), r)
+    samples = projection_null_samples(np.linalg.svd(W, compute_uv=False), _frames(d_out, 4, draws, 1),
+                                      _frames(d_in, 4, draws, 2), r)
     direct = _direct_norms(torch.from_numpy(W), r, draws, seed=9)
     # two-sample comparison through quantiles (the KS statistic of two samples of 4000)
     grid = np.linspace(0.05, 0.95, 19)
@@ -72,11 +79,11 @@ def test_samples_from_singular_values_have_the_law_of_the_full_weight():
 
 
 def test_haar_frames_are_orthonormal_seeded_and_uniform():
-    frames = haar_frames(20, 3, 3000, seed=4)
+    frames = _frames(20, 3, 3000, 4)
     gram = frames.mT.double() @ frames.double()
     assert torch.allclose(gram, torch.eye(3, dtype=torch.float64).expand_as(gram), atol=1e-6)
-    assert torch.equal(frames, haar_frames(20, 3, 3000, seed=4))
-    assert not torch.equal(frames, haar_frames(20, 3, 3000, seed=5))
+    assert torch.equal(frames, _frames(20, 3, 3000, 4))
+    assert not torch.equal(frames, _frames(20, 3, 3000, 5))
     # the squared first coordinate of a uniform unit vector is Beta(1/2, (d − 1)/2)
     assert kstest(frames[:, 0, 0].double().numpy() ** 2, phi_column_null(1, 20).cdf).pvalue > 0.001
     # E[Q Qᵀ] = (k/d) I
@@ -86,10 +93,10 @@ def test_haar_frames_are_orthonormal_seeded_and_uniform():
 
 def test_phi_band_is_simultaneous_for_random_subspaces():
     d, draws = 24, 2000
-    low, high = phi_null_band(haar_frames(d, 6, draws, seed=7), 5, 6, level=0.9)
+    low, high = phi_null_band(_frames(d, 6, draws, 7), 5, 6, level=0.9)
     assert np.all(low <= high)
     # fresh random pairs, drawn another way, cross the high edge anywhere in ≈ 10 % of grids
-    A, B = _qr_frames(d, 5, 2000, seed=11), _qr_frames(d, 6, 2000, seed=12)
+    A, B = _other_frames(d, 5, 2000, seed=11), _other_frames(d, 6, 2000, seed=12)
     pairs = phi_grid((A.mT @ B).numpy())  # two independent random subspaces per draw
     assert np.mean(np.any(pairs > high, axis=(1, 2))) == pytest.approx(0.10, abs=0.03)
     assert np.mean(np.any(pairs < low, axis=(1, 2))) == pytest.approx(0.10, abs=0.03)
@@ -99,13 +106,25 @@ def test_phi_band_is_simultaneous_for_random_subspaces():
     chance = np.maximum(np.arange(1, 6)[:, None], np.arange(1, 7)[None, :]) / d
     assert np.all(low < chance) and np.all(chance < high)
     # φ(d, j) = 1 for every subspace: no spread, the band collapses onto it
-    full = phi_null_band(haar_frames(6, 2, 200, seed=1), 6, 2)
+    full = phi_null_band(_frames(6, 2, 200, 1), 6, 2)
     np.testing.assert_allclose(full[:, 5, :], [[1 - 1e-3] * 2, [1 + 1e-3] * 2])
     with pytest.raises(LoraAnalysisError):
-        phi_null_band(haar_frames(d, 6, 10, seed=1), 5, 7)
+        phi_null_band(_frames(d, 6, 10, 1), 5, 7)
 
 
 def test_phi_column_null():
     assert phi_column_null(3, 10).mean() == pytest.approx(0.3)
     with pytest.raises(LoraAnalysisError):
         phi_column_null(10, 10)
+
+
+@pytest.mark.parametrize("a, b", [(0.5, 191.5), (4.0, 188.0), (32.0, 352.0), (0.5, 0.5), (2.5, 1.5), (0.5, 4095.5)])
+def test_beta_law_matches_scipy(a, b):
+    law, oracle = BetaLaw(a, b), beta(a, b)
+    x = np.linspace(1e-4, 1 - 1e-4, 41)
+    np.testing.assert_allclose(law.cdf(x), oracle.cdf(x), rtol=1e-10, atol=1e-300)
+    np.testing.assert_allclose(law.sf(x), oracle.sf(x), rtol=1e-10, atol=1e-300)
+    for q in (1e-8, 0.025, 0.5, 0.975):
+        assert law.ppf(q) == pytest.approx(oracle.ppf(q), rel=1e-10)
+    assert law.mean() == pytest.approx(oracle.mean(), rel=1e-15)
+    assert law.cdf(0.0) == 0.0 and law.cdf(1.0) == 1.0

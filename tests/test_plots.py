@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lora_analysis import plots
+from lora_analysis.analysis import random_reference_grid
 from lora_analysis.errors import LoraAnalysisError
 
 
@@ -58,6 +59,18 @@ def test_shared_chance_note_relative_scale_and_band_contours():
     np.testing.assert_allclose(relative.get_array()[3, 3], 0.0, atol=1e-12)
     bars = sorted(ax.get_ylabel() for ax in fig.axes if ax.get_ylabel().startswith("$\\phi"))
     assert bars == ["$\\phi$ / chance", "$\\phi(i, j)$"]  # one colour bar per scale
+
+
+def test_a_panel_wholly_above_the_band_is_outlined():
+    """No contour exists when every cell is above the band: the panel's edge says so instead."""
+    phi = np.full((4, 6), 0.9)
+    band = np.stack([np.zeros((4, 6)), np.full((4, 6), 0.5)])
+    fig = plots.phi_figure([plots.PhiPanel(phi, dim=64, band=band), plots.PhiPanel(phi, dim=64)], ncols=2)
+    outlined, plain = fig.axes[:2]
+    edges = [p for p in outlined.patches if p.__class__.__name__ == "Rectangle" and p.get_edgecolor()[:3] == (1, 1, 1)]
+    assert len(edges) == 1 and edges[0].get_linestyle() == "solid"
+    assert not [p for p in plain.patches if p.get_edgecolor()[:3] == (1, 1, 1)]
+    assert not [c for c in outlined.collections if c.__class__.__name__ == "QuadContourSet"]
 
 
 @pytest.mark.parametrize("width, ncols, n, shape", [
@@ -165,7 +178,8 @@ def test_compare_figure_replots_a_json_report():
     phi = [[1.0, 1.0, 1.0], [0.5, 0.75, None]]
     pair = {"phi": phi, "dim": 16, "r_a": 2, "r_b": 3}
     report = {"basis": "dW-left", "pairs": {"model.layers.0.q_proj": pair, "model.layers.1.q_proj": pair}}
-    fig = plots.compare_figure(report)
+    reference = random_reference_grid(16, 2, 3)
+    fig = plots.compare_figure(report, reference=reference, prefix="model.layers.")
     panels = [ax for ax in fig.axes if ax.get_images() and ax.get_title()]
     assert [ax.get_title() for ax in panels] == ["0.q_proj", "1.q_proj", "random subspaces (d=16)"]
     assert fig.get_suptitle() == "Subspace similarity φ(i, j), basis dW-left — model.layers.*"
@@ -174,4 +188,78 @@ def test_compare_figure_replots_a_json_report():
     assert grid.mask.tolist() == [[False] * 3, [False, False, True]] and grid[1, 1] == 0.75
     random = panels[2].get_images()[0].get_array()
     assert random.shape == (2, 3) and 0.0 <= random.min() and random.max() < 0.9
-    assert len(plots.compare_figure(report, reference=False).axes) == 3  # 2 panels + colour bar
+    np.testing.assert_array_equal(random, reference)  # the grid the caller passed, drawn as is
+    assert panels[2].get_xlabel() == "j (random, 3 dims)" and panels[2].get_ylabel() == "i (random, 2 dims)"
+    assert len(plots.compare_figure(report).axes) == 3  # 2 panels + colour bar
+    assert plots.compare_figure(report).get_suptitle() == "Subspace similarity φ(i, j), basis dW-left"
+
+
+def test_report_compare_figure_supplies_prefix_and_random_reference():
+    """`report.figures.compare_figure` is `plots.compare_figure` with the report's common prefix
+    and a random reference grid of the first pair's sizes (seeded: the same every time)."""
+    from lora_analysis.report.figures import compare_figure
+
+    pair = {"phi": [[1.0, 0.5, 0.25], [0.5, 0.75, 0.5]], "dim": 16, "r_a": 2, "r_b": 3, "basis": "A"}
+    report = {"basis": "A", "pairs": {"model.layers.0.q_proj": pair, "model.layers.1.q_proj": pair}}
+    fig = compare_figure(report)
+    panels = [ax for ax in fig.axes if ax.get_images() and ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["0.q_proj", "1.q_proj", "random subspaces (d=16)"]
+    np.testing.assert_allclose(panels[2].get_images()[0].get_array(), random_reference_grid(16, 2, 3))
+    assert len(compare_figure(report, reference=False).axes) == 3
+
+
+def test_phi_figure_titles_ticks_and_chance_text_for_full_grids():
+    """A 64 × 64 grid gets a few round 1-based ticks (every index would collide); a grid that
+    spans most of R^d says "chance = max(i, j)/d" instead of an upper bound, and the colour bar
+    carries no chance mark (one mark cannot hold every panel's level)."""
+    big = plots.PhiPanel(np.full((64, 64), 0.3), dim=512)
+    full = plots.PhiPanel(np.full((6, 6), 0.3), dim=8)
+    fig = plots.phi_figure([big, full], suptitle="two grids")
+    assert fig.get_suptitle() == "two grids"
+    ticks = [int(t) for t in fig.axes[0].get_xticks()]
+    assert ticks[0] == 1 and ticks[-1] <= 64 and 3 <= len(ticks) <= 6 and ticks == sorted(ticks)
+    assert list(fig.axes[0].get_images()[0].get_extent()) == [0.5, 64.5, 64.5, 0.5]  # cell (i, j) centred on (j, i)
+    # chance per panel, in the titles (the levels differ), never on the data or the colour bar
+    assert [fig.axes[0].get_title(), fig.axes[1].get_title()] == ["chance ≤ 0.12", "chance = max(i, j)/d"]
+    assert not fig.axes[1].texts
+    colorbar = [ax for ax in fig.axes if ax.get_ylabel() == "$\\phi(i, j)$"][0]
+    assert not colorbar.lines
+
+
+def test_spectra_figure_skips_zero_updates_and_keeps_raw_values_unnormalized():
+    spectra = {"q": [{"label": "zero", "layer": 0, "values": [0.0, 0.0]},
+                     {"label": "rank 2", "layer": 1, "values": [3.0, 1.5, 0.0]}]}
+    fig = plots.spectra_figure(spectra, normalize=False)
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.lines] == ["rank 2"]  # ΔW = 0 has nothing to draw
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [3.0, 1.5])  # zeros cannot sit on a log axis
+    assert ax.get_ylabel() == "σ_k"
+    linear = plots.spectra_figure(spectra, normalize=True, logy=False).axes[0]
+    np.testing.assert_allclose(linear.lines[0].get_ydata(), [1.0, 0.5, 0.0])
+    assert linear.get_yscale() == "linear"
+    with pytest.raises(ValueError):
+        plots.spectra_figure({"q": []})
+
+
+def test_layer_heatmap_annotation_contrast_and_log_limits():
+    from matplotlib.colors import LogNorm
+
+    fig = plots.layer_heatmap({("q", "0"): 2.0, ("q", "1"): 200.0}, rows=["q"], columns=["0", "1"],
+                              title="amplification", label="x", log=True)
+    ax = fig.axes[0]
+    norm = ax.get_images()[0].norm
+    assert isinstance(norm, LogNorm) and (norm.vmin, norm.vmax) == (2.0, 200.0)
+    colours = {t.get_text(): t.get_color() for t in ax.texts}
+    assert colours == {"2": "white", "200": "black"}  # light text on the dark end, dark on the light end
+    assert fig.axes[1].get_ylabel() == "x (log scale)"
+    flat = plots.layer_heatmap({("q", "0"): 2.0, ("q", "1"): 3.0}, rows=["q"], columns=["0", "1"],
+                               title="t", label="x", log=True)  # less than a factor 10: linear
+    assert not isinstance(flat.axes[0].get_images()[0].norm, LogNorm)
+
+
+def test_many_panels_stay_under_the_pixel_cap():
+    panels = [plots.PhiPanel(np.eye(4), dim=16) for _ in range(60)]
+    fig = plots.phi_figure(panels)
+    width, height = fig.get_size_inches()
+    assert max(width, height) * fig.dpi <= plots.MAX_PIXELS + 1e-6
+    assert sum(ax.get_visible() and bool(ax.get_images()) for ax in fig.axes) == 60

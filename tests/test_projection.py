@@ -10,6 +10,7 @@ import torch
 
 from lora_analysis import BaseWeights, LoraConfig, LoraModule, extract_adapter, inject_lora
 from lora_analysis.analysis import (
+    AnalysisOptions,
     analyze_adapter,
     default_cache_dir,
     intruder_dimensions,
@@ -74,6 +75,19 @@ def test_randomized_weight_svd_accuracy_is_stated_and_holds():
     torch.testing.assert_close(projector(approx.V), projector(V[:, :k]), atol=1e-4, rtol=0)
     with pytest.raises(LoraAnalysisError, match="oversample"):
         weight_svd(W, k, exact_max_dim=0, oversample=k, cache=False)
+
+
+def test_weight_spectrum_top_is_a_compact_copy():
+    """top(k) of a full SVD must not keep the (d, d) factors alive through views: with
+    --intruders that was 134 MB per 4096² module held for the whole report."""
+    full = weight_svd(torch.randn(64, 48, generator=seeded_generator(3)), cache=False)
+    top = full.top(5)
+    for name in ("U", "S", "V", "residuals"):
+        tensor, whole = getattr(top, name), getattr(full, name)
+        assert tensor.is_contiguous(), name
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
+        assert tensor.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr(), name
+        torch.testing.assert_close(tensor, whole[:, :5] if tensor.ndim == 2 else whole[:5], rtol=0, atol=0)
 
 
 def test_weight_svd_cache_hit_miss_and_corruption(tmp_path, monkeypatch):
@@ -189,7 +203,7 @@ def test_analyze_adapter_with_base_weights(tiny_bert):
     randomize_lora(model, seed=0)
     adapter = extract_adapter(model)
     base = BaseWeights(model)
-    analysis = analyze_adapter(adapter, base, progress=False, device="cpu")
+    analysis = analyze_adapter(adapter, base, AnalysisOptions(device="cpu"), progress=False)
     assert list(analysis.modules) == list(adapter.modules) and not analysis.notes
     for name, result in analysis.modules.items():
         W = base.weight(name).double()
@@ -200,9 +214,47 @@ def test_analyze_adapter_with_base_weights(tiny_bert):
         tuned = torch.linalg.svd(W + adapter[name].delta_weight(torch.float64))[0][:, :10]
         expected = (torch.linalg.svd(W)[0].T @ tuned).abs().amax(0).numpy()
         np.testing.assert_allclose(result.intruders.max_cos, expected, atol=1e-4)
-    skipped = analyze_adapter(adapter, base, progress=False, device="cpu", exact_max_dim=16)
+    skipped = analyze_adapter(adapter, base, AnalysisOptions(device="cpu", exact_max_dim=16), progress=False)
     assert all(r.intruders is None and r.projection is not None for r in skipped)
     assert "intruder dimensions skipped for 4 module(s)" in skipped.notes[0]
+
+
+def test_analyze_progress_counts_modules_when_their_analysis_is_done(tiny_bert, monkeypatch):
+    """The bar advances after a module's analysis (W read, compared), not when its factors
+    enter a batch: with 4 equal-shape modules (one batch), the old bar read 4/4 before the
+    first W was even read."""
+    from lora_analysis.analysis import spectrum as spectrum_module
+
+    events: list[tuple[str, object]] = []
+
+    class RecordingBar:
+        def __init__(self, total, desc, unit, disable):
+            self.n = 0
+            events.append(("total", total))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            events.append(("closed", self.n))
+
+        def update(self, n=1):
+            self.n += n
+            events.append(("done", self.n))
+
+    model = inject_lora(tiny_bert, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]), seed=0)
+    randomize_lora(model, seed=0)
+    adapter = extract_adapter(model)
+    base = BaseWeights(model)
+    read = base.weight
+    monkeypatch.setattr(base, "weight", lambda name, module=None: (events.append(("read W", name)), read(name, module))[1])
+    monkeypatch.setattr(spectrum_module, "tqdm", RecordingBar)
+    analyze_adapter(adapter, base, AnalysisOptions(device="cpu", cache=False), progress=True)
+    names = list(adapter.modules)
+    expected = [("total", 4)]
+    for i, name in enumerate(names, start=1):
+        expected += [("read W", name), ("done", i)]
+    assert events == expected + [("closed", 4)]
 
 
 @pytest.mark.integration

@@ -4,7 +4,8 @@
   runs COMMAND on the quick reproduction's adapters (what `lora-analysis reproduce --quick`
   trains into `runs/reproduce-minilm-rotten_tomatoes-quick/`) and compares it, numbers to
   within a rounding of their last printed digit (another BLAS may move float32 results there).
-- The `<!-- figures/claims.md -->` block is the committed verdict table, verbatim.
+- Each `<!-- figures/NAME.md -->` block (Table 7; the verdicts, `claims.md`, once committed)
+  is that committed file, verbatim.
 
 `LORA_ANALYSIS_UPDATE_README=1 python -m pytest tests/test_readme.py` rewrites both from the
 real outputs instead of comparing.
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 QUICK_RUN_DIR = Path("runs/reproduce-minilm-rotten_tomatoes-quick")
 EXAMPLE = re.compile(r"<!-- example: (?P<command>.+?) -->\n```\n\$ (?P=command)\n(?P<output>.*?)```\n", re.S)
-CLAIMS = re.compile(r"(<!-- figures/claims\.md -->\n)(?P<table>.*?)(<!-- end figures/claims\.md -->)", re.S)
+COMMITTED = re.compile(r"<!-- figures/(?P<name>[\w.]+\.md) -->\n(?P<table>.*?)<!-- end figures/(?P=name) -->", re.S)
 NUMBER = re.compile(r"^[-+]?\d[\d,]*\.?\d*(e[-+]?\d+)?%?$")
 UPDATE = os.environ.get("LORA_ANALYSIS_UPDATE_README") == "1"
 
@@ -78,15 +79,22 @@ def test_readme_examples_are_real_outputs(quick_reproduction, tmp_path):
         README.write_text(text)
 
 
-def test_readme_verdicts_are_the_committed_ones():
-    text = README.read_text()
-    match = CLAIMS.search(text)
-    assert match, "the README does not show figures/claims.md"
-    committed = (REPO / "figures" / "claims.md").read_text()
+def test_readme_tables_are_the_committed_ones():
+    """Each `<!-- figures/NAME -->` block is that committed file, verbatim; the verdict table
+    (figures/claims.md) is shown exactly when it is committed."""
+    text = README.read_text(encoding="utf-8")
+    blocks = list(COMMITTED.finditer(text))
+    assert blocks, "the README shows no committed table"
+    shown = {match["name"] for match in blocks}
+    assert ("claims.md" in shown) == (REPO / "figures" / "claims.md").exists()
+    for match in reversed(blocks):
+        committed = (REPO / "figures" / match["name"]).read_text(encoding="utf-8")
+        if UPDATE:
+            text = text[: match.start("table")] + committed + text[match.end("table"):]
+        else:
+            assert match["table"] == committed, f"README's copy of figures/{match['name']} is stale"
     if UPDATE:
-        README.write_text(text[: match.start("table")] + committed + text[match.end("table"):])
-    else:
-        assert match["table"] == committed
+        README.write_text(text, encoding="utf-8")
 
 
 def test_number_comparison():

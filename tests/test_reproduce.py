@@ -105,14 +105,21 @@ def test_phi_grids_match_an_independent_oracle(quick_reproduction):
         assert results["fig3"][target]["phi_11"] == pytest.approx(float(tops[0] @ tops[1]) ** 2, abs=1e-6)
 
 
-def test_rendering_is_deterministic(quick_reproduction, tmp_path):
+def test_rendering_is_deterministic_and_writes_only_where_asked(quick_reproduction, tmp_path):
+    """render_all(s7, out) reads and writes `out` alone: the runs' own config names a folder
+    that does not exist (render_all once read the README's tables from there)."""
     config, _ = quick_reproduction
-    again = type(config)(**{**vars(config), "out": tmp_path / "again"})
-    runs = Runs(again, {cell_name(r, s, t): config.run_dir / cell_name(r, s, t)
-                        for r in config.ranks for s in config.seeds for t in config.target_sets})
-    render_all(Section7(runs), again.out, "lora-analysis reproduce --quick", progress=False)
+    elsewhere = type(config)(**{**vars(config), "out": tmp_path / "never-written"})
+    runs = Runs(elsewhere, {cell_name(r, s, t): config.run_dir / cell_name(r, s, t)
+                            for r in config.ranks for s in config.seeds for t in config.target_sets})
+    out = tmp_path / "again"
+    render_all(Section7(runs), out, "lora-analysis reproduce --quick", progress=False)
+    assert not elsewhere.out.exists()
     for name in ("table7.csv", "rank_table.csv", "results.json", "README.md", "fig3.png", "fig8.pdf"):
-        assert (again.out / name).read_bytes() == (config.out / name).read_bytes(), name
+        assert (out / name).read_bytes() == (config.out / name).read_bytes(), name
+    readme = (out / "README.md").read_text(encoding="utf-8")
+    for table in ("table7.md", "rank_table.md"):
+        assert (out / table).read_text(encoding="utf-8") in readme
 
 
 def test_cli_reuses_finished_runs_and_keeps_quick_runs_out_of_figures(quick_reproduction, tmp_path):

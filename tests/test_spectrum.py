@@ -10,7 +10,7 @@ import scipy.stats
 import torch
 
 from lora_analysis import Adapter, LoraConfig, LoraModule, extract_adapter, inject_lora
-from lora_analysis.analysis import adapter_spectra, analyze_adapter, iter_spectra, module_spectrum, rank_metrics
+from lora_analysis.analysis import AnalysisOptions, adapter_spectra, analyze_adapter, iter_spectra, module_spectrum, rank_metrics
 from lora_analysis.errors import LoraAnalysisError
 from lora_test_utils import randomize_lora
 
@@ -179,7 +179,7 @@ def test_adapter_from_lora_core_and_analyze_without_base(tiny_gpt2):
     model = inject_lora(tiny_gpt2, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"]), seed=0)
     randomize_lora(model, seed=0)
     adapter = extract_adapter(model)
-    analysis = analyze_adapter(adapter, taus=(0.8,), progress=False, device="cpu")
+    analysis = analyze_adapter(adapter, options=AnalysisOptions(taus=(0.8,), device="cpu"), progress=False)
     assert list(analysis.modules) == list(adapter.modules)
     for name, result in analysis.modules.items():
         stored = adapter[name].delta_weight(torch.float64)  # Conv1D: (d_in, d_out)

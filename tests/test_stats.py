@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.stats import binomtest
+from scipy.stats import binom, binomtest
 
 from lora_analysis.analysis.stats import (
+    binomial_half_cdf,
     combine_verdicts,
     median_interval,
     order_statistic_rank,
@@ -121,3 +124,12 @@ def test_combine_verdicts_and_bad_input():
         sign_test([1.0, float("nan")], 0.0, "greater")
     with pytest.raises(LoraAnalysisError):
         sign_test([1.0], 0.0, "up")
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 24, 60, 200])
+def test_binomial_half_cdf_is_exact(n):
+    """Against exact rational arithmetic (scipy's binom.cdf is off in the last digits at n = 200)."""
+    for k in range(-1, n + 2):
+        exact = Fraction(sum(math.comb(n, j) for j in range(min(k, n) + 1)), 2**n)
+        assert binomial_half_cdf(k, n) == float(exact)
+        assert binomial_half_cdf(k, n) == pytest.approx(float(binom.cdf(k, n, 0.5)), rel=1e-13, abs=1e-300)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from training_fixtures import adapter_bytes, save_tiny_bert, write_sentiment_csv
 
 from lora_analysis import LoraAnalysisError, TrainConfig, load_adapter, run_sweep, train
@@ -97,10 +98,22 @@ def test_sweep_refuses_a_run_dir_made_with_another_recipe(base, tmp_path):
 def test_sweep_cli(base, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "lora_analysis", "sweep", "--model", base.model, "--data", base.data, "--steps", "3",
-           "--batch-size", "4", "--ranks", "2", "--seeds", "0", "1", "--targets", "query,value", "query", "--output-dir", str(tmp_path), "--quiet"]
+           "--batch-size", "4", "--lr", "0.05", "--ranks", "2", "--seeds", "0", "1", "--targets", "query,value", "query",
+           "--output-dir", str(tmp_path), "--quiet"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines[:-1]] == ["r2-s0-query_value", "r2-s1-query_value", "r2-s0-query", "r2-s1-query"]
     assert lines[-1] == f"manifest: {tmp_path / 'manifest.json'}"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["manifest.json", "r2-s0-query", "r2-s0-query_value", "r2-s1-query", "r2-s1-query_value"])
+    # The command trains exactly what the API trains with these settings (the API's training
+    # learns: test_train), every factor moved from its init (B starts at 0), and the lines
+    # printed are the manifest's numbers.
+    api = run_sweep(TrainConfig(**{**base.to_dict(), "steps": 3, "batch_size": 4, "lr": 0.05}), tmp_path / "api",
+                    ranks=[2], seeds=[0, 1], target_sets=[["query", "value"], ["query"]])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for line, (name, path) in zip(lines, api.cells.items()):
+        assert adapter_bytes(tmp_path / name) == adapter_bytes(path), name
+        assert all(torch.count_nonzero(m.B) == m.B.numel() for m in load_adapter(tmp_path / name).modules.values())
+        final = manifest["cells"][name]["final"]
+        assert line.startswith(f"{name}: val_accuracy {final['val_accuracy']:.4f}, ")

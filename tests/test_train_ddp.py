@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from training_fixtures import save_tiny_bert, write_sentiment_csv
 
@@ -49,3 +50,30 @@ def test_torchrun_two_gloo_processes_match_one_process_with_the_global_batch(tmp
         assert ours["val_accuracy"] == theirs["val_accuracy"]  # sharded evaluation, summed over ranks
         assert abs(ours["val_loss"] - theirs["val_loss"]) < 1e-4
     torch.testing.assert_close(torch.tensor(metrics["train_loss"]), torch.tensor(single.metrics["train_loss"]), rtol=1e-4, atol=1e-5)
+
+
+GROUP_TEARDOWN = """
+import os, torch
+from lora_analysis.training.distributed import _leave_process_group, init_distributed
+init_distributed("cpu")
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1))  # imports torch._dynamo
+model(torch.ones(2, 3)).sum().backward()
+del model
+_leave_process_group()  # what runs at exit
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+assert not [t for t in threads if "gloo" in t], threads
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through Linux /proc")
+def test_leaving_the_process_group_joins_gloos_threads_before_interpreter_exit(tmp_path):
+    # A gloo thread still releasing the last collective's work when the interpreter finalized
+    # made a rank abort now and then under load ("terminate called without an active
+    # exception"); at exit the group must be destroyed and its threads joined first. DDP
+    # imports torch.distributed.nn.functional, which used to pin the group so it could not be.
+    script = tmp_path / "teardown.py"
+    script.write_text(GROUP_TEARDOWN)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,35 +11,39 @@ Written (PEFT's layout, so PEFT and the rest of the ecosystem read it):
 The safetensors header metadata holds {"format": "pt", "adapter_config": <the config JSON>} so a
 lone file describes itself, and "alpha_unknown": [modules] when some α was unknown.
 
-Read (`load_adapter`, detected from the path and the keys): our files, PEFT directories and lone
-files (config in the header, or `adapter_config.json` beside the file), kohya and loralib state
-dicts, as safetensors or as `.bin`/`.pt` files that `torch.load(weights_only=True)` accepts.
-Nothing is ever unpickled otherwise.
+Read (`load_adapter`): every format of `formats` (PEFT and ours, diffusers, kohya, LyCORIS,
+loralib, torchtune, LitGPT, AdapterHub), as safetensors or as torch files that
+`torch.load(weights_only=True)` accepts — nothing is ever unpickled otherwise — through the
+bounded, memory-mapped containers of `containers.py`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
+from typing import Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from ..config import LoraConfig
-from ..errors import AdapterFormatError
+from ..errors import AdapterFormatError, LoraAnalysisError, shown
 from ..fileio import atomic_write_bytes, atomic_write_text, parse_json
-from .adapter import Adapter, LoraModule
-from .layouts import Factors, peft_state_dict, split_state_dict
-from .peft_config import config_from_peft_dict, default_and_pattern, peft_config_dict
+from .adapter import Adapter, LazyModules, checked_tensor
+from .containers import LazyTensors, open_tensor_file
+from .formats import AdapterFiles, reader_for
+from .formats.common import ModuleKey
+from .formats.peft import CONFIG_NAME, HEADER_ALPHA_UNKNOWN_KEY, HEADER_CONFIG_KEY, PEFT_PREFIX
+from .peft_config import default_and_pattern, peft_config_dict
+from .updates import LoraModule
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-HEADER_CONFIG_KEY = "adapter_config"
-HEADER_ALPHA_UNKNOWN_KEY = "alpha_unknown"
-MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+# Weight files looked for in a directory, in this order (PEFT and torchtune, diffusers,
+# AdapterHub, LitGPT).
+WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt",
+                 "pytorch_lora_weights.safetensors", "pytorch_adapter.bin", "lit_model.pth.lora")
+__all__ = ["CONFIG_NAME", "HEADER_CONFIG_KEY", "check_config_matches_weights", "deterministic_safetensors",
+           "load_adapter", "save_adapter"]
 
 
 def save_adapter(adapter: Adapter, path: str | os.PathLike) -> Path:
@@ -49,14 +53,22 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike) -> Path:
     `adapter_model.safetensors` and `adapter_config.json` (created if needed). Per-module r and
     α are written as rank_pattern/alpha_pattern so PEFT rebuilds each module exactly; a local
     absolute `base_model_name_or_path` is reduced to its last component. Each file is written
-    atomically.
+    atomically. Only plain LoRA modules on Linear layers (s·B·A) can be written this way.
     """
     path = Path(path)
+    modules = {name: adapter[name] for name in adapter.modules}
+    for name, m in modules.items():
+        plain = type(m) is LoraModule and m.parts == 1 and m.bias is None and m.kernel is None
+        if not plain or (m.storage.transposed and not m.fan_in_fan_out):
+            raise LoraAnalysisError(f"cannot save module {shown(name)!r}: a {m.kind} update of this form has no "
+                                    "PEFT LoRA-on-Linear layout")
     config = peft_config_dict(adapter)
-    factors = {name: (_portable(m.A), _portable(m.B)) for name, m in adapter.items()}
-    tensors = peft_state_dict(factors, {k: _portable(t) for k, t in adapter.extra_tensors.items()})
+    factors = {name: (_portable(m.A), _portable(m.B)) for name, m in modules.items() if isinstance(m, LoraModule)}
+    tensors = {PEFT_PREFIX + name + suffix: t for name, (A, B) in factors.items()
+               for suffix, t in ((".lora_A.weight", A), (".lora_B.weight", B))}
+    tensors.update({PEFT_PREFIX + name: _portable(t) for name, t in adapter.extra_tensors.items()})
     metadata = {"format": "pt", HEADER_CONFIG_KEY: json.dumps(config)}
-    unknown = [name for name, m in adapter.items() if not m.alpha_known]
+    unknown = [name for name in adapter.modules if not adapter.info(name).alpha_known]
     if unknown:
         metadata[HEADER_ALPHA_UNKNOWN_KEY] = json.dumps(unknown)
     data = deterministic_safetensors(tensors, metadata)
@@ -93,34 +105,59 @@ def _portable(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True).contiguous()
 
 
-def load_adapter(path: str | os.PathLike, alpha: float | None = None) -> Adapter:
-    """Read an adapter from a file or a PEFT-style directory; the format is detected.
+def load_adapter(path: str | os.PathLike, alpha: float | None = None, *, lazy: bool = False,
+                 weight_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Adapter:
+    """Read an adapter from a file or a directory; the format is detected (`formats.READERS`).
 
-    Per module: A (r, d_in), B (d_out, r); r from the tensors; α and rsLoRA from the config
-    (header, or `adapter_config.json` beside the file / in the directory; rank_pattern and
-    alpha_pattern applied), from kohya's `<name>.alpha` (missing: α = r), else unknown.
-    `alpha` fills in α where the file records none (loralib, PEFT files without config);
-    where it stays unknown the Adapter warns and reports s as unknown.
-    fan_in_fan_out comes from the config (PEFT, ours); kohya and loralib store none.
+    Module names come out as the model names them; updates of every kind (`updates.py`), α
+    from wherever the format records it (PEFT config and patterns, kohya/LyCORIS `.alpha`,
+    diffusers' `lora_adapter_metadata`, AdapterHub's and torchtune's configs, LitGPT's
+    model_config.yaml). `alpha` fills in α where the file records none; where it stays unknown
+    the Adapter warns and reports s as unknown.
+
+    lazy: keep the modules in the file and read each one's tensors when it is asked for (the
+        structure of every module is checked now; NaN/Inf when a module is read). Default:
+        read and check every tensor now.
+    weight_shapes: {tensor name: stored shape} of the base model, for formats that need them
+        to tell layers apart (loralib convs, PEFT target_parameters on several parameters).
 
     Raises `AdapterFormatError` naming the file and the problem.
     """
     path = Path(path)
     if not path.exists():
         raise AdapterFormatError(path, "no such file or directory")
-    weights = _weights_file(path) if path.is_dir() else path
-    tensors, metadata = _read_tensors(weights)
-    split = split_state_dict(tensors, weights)
-    config, source_format = None, split.layout
-    if split.layout == "peft":
-        config, source_format = _peft_config(path, weights, metadata)
-    modules = _modules(split, config, alpha, weights)
-    for name in _header_list(metadata, HEADER_ALPHA_UNKNOWN_KEY, weights):
-        if name in modules:
-            modules[name].alpha = alpha
-    if config is None:
-        config = _config_describing(modules)
-    return Adapter(modules, config, split.extra, source=str(path), source_format=source_format)
+    tensors = open_tensor_file(_weights_file(path) if path.is_dir() else path)
+    files = AdapterFiles(path, tensors, weight_shapes)
+    reader = reader_for(files)
+    if reader is None:
+        if not files.keys:
+            raise AdapterFormatError(tensors.path, "empty adapter: the file holds no tensors")
+        raise AdapterFormatError(
+            tensors.path,
+            f"unknown key layout (e.g. {shown(files.keys[0])!r}): expected PEFT '<module>.lora_A.weight', "
+            "kohya '<name>.lora_down.weight', LyCORIS, diffusers, loralib '<module>.lora_A', torchtune, LitGPT or "
+            "AdapterHub keys",
+        )
+    result = reader.read(files, alpha)
+    if not result.modules:
+        raise AdapterFormatError(tensors.path, f"holds no adapter modules ({reader.name} layout, {len(files.keys)} other tensors)")
+    qualify = len({component for component, _ in result.modules}) > 1
+    specs = {_module_key(key, qualify): spec for key, spec in result.modules.items()}
+    modules = LazyModules(tensors, specs)
+    extra = LazyTensors(tensors, result.extra)
+    config = result.config or _config_describing(modules)
+    if lazy:
+        return Adapter(modules, config, extra, source=str(path), source_format=result.format, notes=result.notes)
+    eager = {name: modules[name] for name in modules}
+    extras = {name: checked_tensor(tensors.path, key, tensors.get(key)) for name, key in result.extra.items()}
+    return Adapter(eager, config, extras, source=str(path), source_format=result.format, notes=result.notes)
+
+
+def _module_key(key: ModuleKey, qualify: bool) -> str:
+    """The module's name in the Adapter: its path, as `component/path` when the file holds
+    several components (`qualify`: SD's unet and text encoders may share paths)."""
+    component, name = key
+    return f"{component}/{name}" if component is not None and qualify else name
 
 
 def _weights_file(directory: Path) -> Path:
@@ -130,127 +167,37 @@ def _weights_file(directory: Path) -> Path:
     raise AdapterFormatError(directory, f"directory holds no {' or '.join(WEIGHTS_NAMES)}")
 
 
-def _peft_config(path: Path, weights: Path, metadata: dict[str, str]) -> tuple[LoraConfig | None, str]:
-    """(config, source format) of a PEFT-layout file. A directory's `adapter_config.json` is
-    what PEFT reads, so it wins there; a lone file describes itself in its header, else the
-    `adapter_config.json` beside it counts; else there is no config."""
-    source_format = "ours" if HEADER_CONFIG_KEY in metadata else "peft"
-    beside = (path if path.is_dir() else path.parent) / CONFIG_NAME
-    if HEADER_CONFIG_KEY in metadata and not (path.is_dir() and beside.is_file()):
-        text, where, what = metadata[HEADER_CONFIG_KEY], weights, "header config"
-    elif beside.is_file():
-        try:
-            text, where, what = beside.read_text(encoding="utf-8"), beside, "adapter config"
-        except (OSError, UnicodeDecodeError) as err:
-            raise AdapterFormatError(beside, f"cannot read: {err}") from None
-    else:
-        return None, source_format
-    return config_from_peft_dict(parse_json(text, where, what, AdapterFormatError), where), source_format
-
-
-def _modules(split: Factors, config: LoraConfig | None, alpha: float | None, path: Path) -> dict[str, LoraModule]:
-    modules = {}
-    for name, (A, B) in split.factors.items():
-        r = A.shape[0]
-        if config is not None and config.rank_for(name) != r:
-            problem = f"config gives module {name!r} rank {config.rank_for(name)}, its factors have rank {r}"
-            raise AdapterFormatError(path, problem)
-        if split.layout == "kohya":
-            module_alpha = split.alphas.get(name, float(r))
-        else:
-            module_alpha = config.alpha_for(name) if config is not None else None
-        modules[name] = LoraModule(
-            A=A,
-            B=B,
-            alpha=alpha if module_alpha is None else module_alpha,
-            use_rslora=config is not None and config.use_rslora,
-            fan_in_fan_out=config is not None and config.fan_in_fan_out,
-        )
-    return modules
-
-
-def _config_describing(modules: dict[str, LoraModule]) -> LoraConfig:
-    """A config for files that carry none (kohya, loralib): their modules, ranks and α's."""
-    r, rank_pattern = default_and_pattern(None, {}, {n: m.r for n, m in modules.items()})
-    alphas = {n: m.alpha for n, m in modules.items() if m.alpha is not None}
+def _config_describing(modules: LazyModules) -> LoraConfig:
+    """A config for files that carry none (kohya, loralib, ...): their modules, ranks and α's."""
+    infos = {name: modules.info(name) for name in modules}
+    ranks = {n: i.r for n, i in infos.items() if i.r is not None}
+    r, rank_pattern = default_and_pattern(None, {}, ranks) if ranks else (8, {})
+    alphas = {n: i.alpha for n, i in infos.items() if i.alpha is not None}
     alpha, alpha_pattern = default_and_pattern(None, {}, alphas) if alphas else (None, {})
     return LoraConfig(r=r, lora_alpha=alpha, target_modules=list(modules), rank_pattern=rank_pattern,
                       alpha_pattern=alpha_pattern)
 
 
-def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of a safetensors or torch file, and the safetensors header metadata."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    # torch.save writes a zip archive ("PK"), or a bare pickle (opcode 0x80) in old files; a
-    # safetensors header length may start with those bytes too, but its JSON starts at byte 8.
-    torch_magic = head[:2] == b"PK" or head[:1] == b"\x80"
-    if torch_magic and path.suffix != ".safetensors" and head[8:9] != b"{":
-        return _read_torch_file(path), {}
-    return _read_safetensors(path)
+def check_config_matches_weights(config_path: Path, config: object, weights: Path, metadata: dict[str, str]) -> None:
+    """Refuse an `adapter_config.json` that is not the config `weights` were saved with.
 
+    `save_adapter` writes a directory's two files as two atomic writes; a crash between them
+    leaves new weights beside the old config (read with the old α, σ would be off by their
+    ratio). The weights' safetensors header holds a copy of the config they were saved with,
+    which links the pair: where it is present the file must equal it (as JSON values). Files
+    without that copy (written by PEFT or others) cannot be checked and pass.
+    """
+    if HEADER_CONFIG_KEY not in metadata:
+        return
+    recorded = parse_json(metadata[HEADER_CONFIG_KEY], weights, "header config", AdapterFormatError)
+    if recorded == config:
+        return
+    if isinstance(recorded, dict) and isinstance(config, dict):
+        keys = sorted(k for k in recorded.keys() | config.keys() if recorded.get(k, ...) != config.get(k, ...))
+        differs = f"differs in {shown(', '.join(keys), 80)}"
+    else:
+        differs = "differs"
+    problem = (f"is not the config {weights.name} was saved with ({differs}): the two were not saved together "
+               f"(an interrupted save?); save the adapter again, or delete {CONFIG_NAME} to use the config in the weights' header")
+    raise AdapterFormatError(config_path, problem)
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Check the header (length, JSON, data extent) before handing the file to safetensors."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise AdapterFormatError(path, f"truncated or not an adapter file: {size} bytes")
-        header_len = int.from_bytes(prefix, "little")
-        if header_len > MAX_HEADER_BYTES:
-            raise AdapterFormatError(path, f"corrupt safetensors header: length {header_len} bytes is implausible")
-        if header_len > size - 8:
-            problem = f"truncated: the header needs {header_len} bytes, the file has {size - 8} after its length"
-            raise AdapterFormatError(path, problem)
-        raw = f.read(header_len)
-    header = parse_json(raw, path, "safetensors header", AdapterFormatError)
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
-        raise AdapterFormatError(path, "corrupt safetensors header: not a JSON object of tensors")
-    metadata = header.pop("__metadata__", {})
-    try:
-        data_end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise AdapterFormatError(path, "corrupt safetensors header: a tensor entry lacks valid data_offsets") from None
-    if 8 + header_len + data_end > size:
-        problem = f"truncated: tensor data needs {8 + header_len + data_end} bytes, the file has {size}"
-        raise AdapterFormatError(path, problem)
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}, dict(metadata)
-    except SafetensorError as err:
-        raise AdapterFormatError(path, f"corrupt safetensors file: {err}") from None
-
-
-def _read_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    """A torch.save'd flat {name: tensor} dict, loaded with `weights_only=True`: a pickle that
-    needs anything beyond tensors and containers is refused, never executed."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        problem = f"refused pickle: torch.load(weights_only=True) rejects it ({_unpickler_reason(err)})"
-        raise AdapterFormatError(path, problem) from None
-    except Exception as err:  # torch raises RuntimeError/EOFError/... for broken archives
-        problem = f"truncated or corrupt torch file ({type(err).__name__}: {str(err).split('. ')[0]})"
-        raise AdapterFormatError(path, problem) from None
-    flat = isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
-    if not flat:
-        raise AdapterFormatError(path, f"expected a flat dict of named tensors, got {type(state).__name__}")
-    return state
-
-
-def _unpickler_reason(err: Exception) -> str:
-    """The one useful line of torch's long weights_only error ("Unsupported global: GLOBAL io.open ...")."""
-    for line in str(err).splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].split(" was not")[0].strip()
-    return type(err).__name__
-
-
-def _header_list(metadata: dict[str, str], key: str, path: Path) -> list[str]:
-    if key not in metadata:
-        return []
-    value = parse_json(metadata[key], path, f"header {key!r}", AdapterFormatError)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise AdapterFormatError(path, f"corrupt header: {key!r} must be a list of module names")
-    return value

@@ -1,15 +1,21 @@
 """The analyses of Section 7 of the LoRA paper, on the factors.
 
-- spectrum: exact thin SVD of ΔW = s·B·A per module (`module_spectrum`, `adapter_spectra`,
-  `iter_spectra` → `ModuleSpectrum`), rank metrics (`rank_metrics` → `RankMetrics`).
+- spectrum: exact thin SVD of every module's ΔW from its update's factored form (LoRA's s·B·A,
+  AdaLoRA, Tucker, LoHa, LoKr, DoRA, dense; `module_spectrum`, `adapter_spectra`, `iter_spectra`
+  → `ModuleSpectrum`), rank metrics on σ/σ₁ (`rank_metrics` → `RankMetrics`), `dense_svd`.
 - similarity: φ grids (`subspace_similarity`), bases "A" / "B" / "dW-left" / "dW-right"
   (`ModuleSpectrum.basis`), comparisons of modules, adapters and layers, chance level.
 - projection: W's SVD (`weight_svd`, cached), Table 7 (`projection_norms`), Figure 8 (`phi_vs_weight`).
 - intruders: intruder dimensions of W + ΔW (`intruder_dimensions`).
-- analyze: `analyze_adapter`, everything per module for reports.
+- analyze: `analyze_adapter` (`AnalysisOptions`), everything per module for reports.
+
+Random references (random subspaces, sketches) are drawn with `seeding.seeded_generator` and
+`seeding.random_basis`, re-exported here.
 """
 
-from .analyze import AdapterAnalysis, ModuleAnalysis, analyze_adapter
+from ..config import BASIS_KINDS, BasisKind
+from ..seeding import random_basis, seeded_generator
+from .analyze import AdapterAnalysis, AnalysisOptions, ModuleAnalysis, adapter_notes, analyze_adapter
 from .intruders import Intruders, intruder_dimensions
 from .projection import (
     ProjectionNorms,
@@ -28,20 +34,19 @@ from .similarity import (
     compare_bases,
     compare_layers,
     compare_modules,
+    pair_basis,
     principal_angles,
-    random_basis,
     random_reference_grid,
-    seeded_generator,
     subspace_similarity,
 )
 from .spectrum import (
-    BASIS_KINDS,
     DEFAULT_TAUS,
     Basis,
-    BasisKind,
+    DenseSVD,
     ModuleSpectrum,
     RankMetrics,
     adapter_spectra,
+    dense_svd,
     iter_spectra,
     module_spectrum,
     rank_metrics,
@@ -52,9 +57,11 @@ __all__ = [
     "DEFAULT_TAUS",
     "AdapterAnalysis",
     "AdapterComparison",
+    "AnalysisOptions",
     "Basis",
     "BasisKind",
     "Comparison",
+    "DenseSVD",
     "Intruders",
     "LayerComparison",
     "ModuleAnalysis",
@@ -62,6 +69,7 @@ __all__ = [
     "ProjectionNorms",
     "RankMetrics",
     "WeightSpectrum",
+    "adapter_notes",
     "adapter_spectra",
     "analyze_adapter",
     "chance_level",
@@ -70,9 +78,11 @@ __all__ = [
     "compare_layers",
     "compare_modules",
     "default_cache_dir",
+    "dense_svd",
     "intruder_dimensions",
     "iter_spectra",
     "module_spectrum",
+    "pair_basis",
     "phi_vs_weight",
     "principal_angles",
     "projection_norms",

@@ -5,17 +5,64 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ..adapters import Adapter
+from ..adapters import Adapter, Update
 from ..base_weights import BaseWeights
+from ..errors import LoraAnalysisError
 from .intruders import Intruders, intruder_dimensions
 from .projection import ProjectionNorms, WeightSpectrum, phi_vs_weight, projection_norms, weight_svd
-from .spectrum import DEFAULT_TAUS, ModuleSpectrum, RankMetrics, iter_spectra
+from .spectrum import DEFAULT_TAUS, ModuleSpectrum, RankMetrics, iter_spectra, with_progress
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """How `analyze_adapter` works (the `analyze` command's options).
+
+    taus: energy thresholds τ ∈ (0, 1] of the energy ranks (smallest k with Σ_{i≤k}σ² ≥ τΣσ²).
+    With base weights:
+        weight_k: top-k singular vectors of W for φ against W (paper Fig. 8); W's SVD keeps
+            max(weight_k, numerical rank of ΔW) of them.
+        intruders: None computes intruder dimensions only where min(d_out, d_in) ≤
+            exact_max_dim (they need W's full SVD: seconds there, about a minute per 4096²
+            weight on 2 CPU cores, cached); True for every module, False for none.
+        intruder_k, intruder_epsilon: the top-k singular vectors of W + ΔW are checked; an
+            intruder has max |cos| < ε against every singular vector of W.
+        exact_max_dim: W's SVD is exact when min(d_out, d_in) ≤ this, else randomized.
+        cache, cache_dir: W's SVD is cached on disk (`weight_svd`).
+    device: where the spectra are computed ("auto": CUDA when present).
+    keep_vectors: keep each module's singular vectors in the result (`ModuleSpectrum.U`, `.V`,
+        `.basis`); False releases them once the module is analysed (reports need only the
+        singular values and the numbers computed per module), so a large adapter's analysis
+        holds no d × r frames.
+    """
+
+    taus: Sequence[float] = DEFAULT_TAUS
+    weight_k: int = 64
+    intruders: bool | None = None
+    intruder_k: int = 10
+    intruder_epsilon: float = 0.5
+    exact_max_dim: int = 1536
+    cache: bool = True
+    cache_dir: str | os.PathLike | None = None
+    device: str | torch.device = "auto"
+    keep_vectors: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "taus", tuple(float(t) for t in self.taus))
+        bad = [t for t in self.taus if not 0.0 < t <= 1.0]
+        if bad or not self.taus:
+            raise LoraAnalysisError(f"energy thresholds tau must be in (0, 1], got {list(self.taus)}")
+        for name in ("weight_k", "intruder_k", "exact_max_dim"):
+            if getattr(self, name) < 1:
+                raise LoraAnalysisError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def wants_intruders(self, shape: tuple[int, int]) -> bool:
+        """Whether a module of (d_out, d_in) `shape` gets intruder dimensions."""
+        return self.intruders if self.intruders is not None else min(shape) <= self.exact_max_dim
 
 
 @dataclass
@@ -50,7 +97,7 @@ class AdapterAnalysis:
     def __getitem__(self, name: str) -> ModuleAnalysis:
         return self.modules[name]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[ModuleAnalysis]:
         return iter(self.modules.values())
 
     def __len__(self) -> int:
@@ -60,66 +107,77 @@ class AdapterAnalysis:
 def analyze_adapter(
     adapter: Adapter,
     base: BaseWeights | None = None,
-    taus: Sequence[float] = DEFAULT_TAUS,
-    progress: bool = True,
+    options: AnalysisOptions | None = None,
     *,
-    weight_k: int = 64,
-    intruders: bool | None = None,
-    intruder_k: int = 10,
-    intruder_epsilon: float = 0.5,
-    exact_max_dim: int = 1536,
-    cache: bool = True,
-    cache_dir: str | os.PathLike | None = None,
-    device: str | torch.device = "auto",
+    progress: bool = True,
 ) -> AdapterAnalysis:
-    """Analyse every module of `adapter` (progress bar on stderr unless progress=False).
+    """Analyse every module of `adapter` (see `AnalysisOptions`; progress bar on stderr,
+    advanced as each module's analysis completes, unless progress=False).
 
-    With `base`: W per module (read lazily, one at a time), its SVD (top max(weight_k, r),
-    exact when min(d) ≤ exact_max_dim, else randomized; cached on disk), Table 7 projections,
-    Figure 8 φ and intruder dimensions. Intruders need W's full SVD: intruders=None computes
-    them only for modules with min(d) ≤ exact_max_dim (seconds) and notes the skipped ones;
-    True forces them (about a minute per 4096 × 4096 weight on 2 CPU cores, cached).
+    Always: the exact spectrum of ΔW and its rank metrics. With `base`: W per module (read
+    lazily, one at a time), its SVD (cached on disk), Table 7 projections, Figure 8 φ and
+    intruder dimensions.
     """
-    taus = tuple(float(t) for t in taus)
+    options = options or AnalysisOptions()
+    taus = tuple(options.taus)
     analysis = AdapterAnalysis({}, taus, adapter.source, base.source if base else None, adapter.alpha_known)
-    if not adapter.alpha_known:
-        analysis.notes.append(
-            "LoRA alpha unknown: s = 1 assumed, so absolute magnitudes (‖ΔW‖_F, σ, Table 7) are "
-            "known only up to the factor s; ranks and φ are unaffected"
-        )
+    analysis.notes += adapter_notes(adapter)
     skipped = []
-    items = tqdm(adapter.items(), total=len(adapter), desc="analyze", unit="module", disable=not progress)
-    for name, spectrum in iter_spectra(items, device):
+    weights: dict[str, torch.Tensor] = {}  # W read for a DoRA module's ΔW, kept for the comparisons
+
+    def base_weight(name: str, update: Update) -> torch.Tensor:
+        assert base is not None
+        weights[name] = base.weight(name, update.info)
+        return weights[name]
+
+    spectra = iter_spectra(adapter.items(), options.device, base=base_weight if base is not None else None)
+    for name, spectrum in with_progress(spectra, len(adapter), "analyze", progress):
         result = ModuleAnalysis(name, spectrum, spectrum.metrics(taus))
         if base is not None:
-            want_intruders = intruders if intruders is not None else min(spectrum.shape) <= exact_max_dim
-            if intruders is None and not want_intruders:
+            if options.intruders is None and not options.wants_intruders(spectrum.shape):
                 skipped.append(name)
-            W = base.weight(name, adapter[name]).to(spectrum.Q_B)
-            _compare_with_weight(
-                result, W, weight_k, want_intruders, intruder_k, intruder_epsilon,
-                dict(exact_max_dim=exact_max_dim, cache=cache, cache_dir=cache_dir),
-            )
+            W = weights.pop(name) if name in weights else base.weight(name, adapter.info(name))
+            _compare_with_weight(result, W.to(device=spectrum.device, dtype=spectrum.dtype), options)
+        if not options.keep_vectors:
+            spectrum.release_vectors()
         analysis.modules[name] = result
     if skipped:
         analysis.notes.append(
             f"intruder dimensions skipped for {len(skipped)} module(s) with min(d_out, d_in) > "
-            f"{exact_max_dim} (they need W's full SVD): pass intruders=True to compute them"
+            f"{options.exact_max_dim} (they need W's full SVD): pass intruders=True to compute them"
         )
     return analysis
 
 
-def _compare_with_weight(
-    result: ModuleAnalysis, W: torch.Tensor, weight_k: int, intruders: bool, intruder_k: int, intruder_epsilon: float, svd_options: dict
-) -> None:
+def adapter_notes(adapter: Adapter) -> list[str]:
+    """What every report of `adapter` must say: how its reader settled open questions of the
+    format, unknown α, and DoRA modules read as their direction update alone."""
+    notes = list(adapter.notes)
+    if not adapter.alpha_known:
+        notes.append(
+            "LoRA alpha unknown: s = 1 assumed, so absolute magnitudes (‖ΔW‖_F, σ, Table 7) are "
+            "known only up to the factor s; ranks and φ are unaffected"
+        )
+    directions = adapter.kinds.get("dora-direction", 0)
+    if directions:
+        notes.append(f"{directions} DoRA module(s) analysed as their direction update s·B·A alone, as asked "
+                     "(--dora-direction): not their ΔW, which needs the base weights")
+    return notes
+
+
+def _compare_with_weight(result: ModuleAnalysis, W: torch.Tensor, options: AnalysisOptions) -> None:
     """Fill `result`'s analyses against W: (d_out, d_in), from one (cached) SVD of W."""
     spectrum = result.spectrum
-    k = max(weight_k, spectrum.numerical_rank)
-    weight_spectrum = weight_svd(W, None if intruders else k, **svd_options)
+    intruders = options.wants_intruders(spectrum.shape)
+    k = max(options.weight_k, spectrum.numerical_rank)
+    weight_spectrum = weight_svd(
+        W, None if intruders else k, exact_max_dim=options.exact_max_dim, cache=options.cache, cache_dir=options.cache_dir
+    )
     result.weight_spectrum = weight_spectrum.top(k)
     result.projection = projection_norms(spectrum, W, weight_spectrum=weight_spectrum)
-    result.phi_vs_weight = phi_vs_weight(spectrum, weight_spectrum.top(weight_k))
+    result.phi_vs_weight = phi_vs_weight(spectrum, weight_spectrum.top(options.weight_k))
     if intruders:
         result.intruders = intruder_dimensions(
-            spectrum, W, intruder_k, intruder_epsilon, weight_spectrum, exact_max_dim=svd_options["exact_max_dim"]
+            spectrum, W, options.intruder_k, options.intruder_epsilon, weight_spectrum,
+            exact_max_dim=options.exact_max_dim,
         )

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from ..errors import LoraAnalysisError
+from ..seeding import seeded_generator
 from .projection import WeightSpectrum, randomized_svd, weight_svd
-from .similarity import seeded_generator
 from .spectrum import ModuleSpectrum
 
 
@@ -64,7 +64,7 @@ def intruder_dimensions(
         weight_spectrum = weight_svd(W)
     if not weight_spectrum.exact or weight_spectrum.k < min(W.shape):
         raise LoraAnalysisError("intruder dimensions need the full thin SVD of W: pass weight_svd(W) (k=None)")
-    W = W.to(spectrum.Q_B)
+    W = W.to(device=spectrum.device, dtype=spectrum.dtype)
     tuned = _top_singular(spectrum, W, k, exact_max_dim, seed)
     max_cos = (weight_spectrum.U.to(W).T @ tuned.U).abs().amax(dim=0).double().cpu().numpy()
     return Intruders(

@@ -13,29 +13,101 @@ Closed forms:
       E X⁴  = a₁(a₂ s₂² + 2 b₂ s₄) + 2 b₁((a₂ + b₂) s₄ + b₂ s₂²),   s₂ = Σσ², s₄ = Σσ⁴,
   with (a₁, b₁) for n = d_out and (a₂, b₂) for n = d_in; Var X² = E X⁴ − (E X²)².
 
-Monte Carlo (`haar_frames`): seeded batches of Haar-random orthonormal frames, from which
+Monte Carlo (`haar_frames`): batches of Haar-random orthonormal frames, from which
 `projection_null_samples` draws ‖UᵀWV‖_F for any W (through its singular values: the law is
 invariant under W → O₁ W O₂) and `phi_null_band` gives a simultaneous band for φ(i, j) grids.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 import torch
-from scipy.stats import beta
 
 from ..errors import LoraAnalysisError
-from .similarity import phi_grid, seeded_generator
+from ..seeding import random_basis
+from .similarity import phi_grid
 
 FRAMES_PER_CHUNK = 128  # bounds the float64 working memory of `haar_frames`
 
 
-def phi_column_null(i: int, d: int):
-    """The law of φ(i, 1) (a fixed i-subspace of Rᵈ against a random direction): a frozen
-    scipy Beta(i/2, (d − i)/2); i = 1 is φ(1, 1) of two random directions."""
+@dataclass(frozen=True)
+class BetaLaw:
+    """The Beta(a, b) distribution in float64: cdf and sf through the regularized incomplete
+    beta function I_x(a, b) (Lentz's continued fraction, on the side where it converges fast),
+    ppf by bisection on the cdf."""
+
+    a: float
+    b: float
+
+    def mean(self) -> float:
+        return self.a / (self.a + self.b)
+
+    def cdf(self, x: float | np.ndarray) -> float | np.ndarray:
+        return _map(lambda v: _regularized_beta(v, self.a, self.b), x)
+
+    def sf(self, x: float | np.ndarray) -> float | np.ndarray:
+        return _map(lambda v: _regularized_beta(1.0 - v, self.b, self.a), x)
+
+    def ppf(self, q: float) -> float:
+        """The q-quantile: the x with cdf(x) = q, to the last bit bisection can resolve."""
+        if not 0.0 <= q <= 1.0:
+            raise LoraAnalysisError(f"a quantile needs 0 ≤ q ≤ 1, got {q}")
+        low, high = 0.0, 1.0
+        while True:
+            middle = 0.5 * (low + high)
+            if middle in (low, high):
+                return middle
+            if _regularized_beta(middle, self.a, self.b) < q:
+                low = middle
+            else:
+                high = middle
+
+
+def _map(f, x: float | np.ndarray) -> float | np.ndarray:
+    if np.ndim(x) == 0:
+        return f(float(x))
+    return np.vectorize(f, otypes=[float])(x)
+
+
+def _regularized_beta(x: float, a: float, b: float) -> float:
+    """I_x(a, b) = P(Beta(a, b) ≤ x), a, b > 0."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _beta_fraction(x, a, b) / a
+    return 1.0 - math.exp(log_front) * _beta_fraction(1.0 - x, b, a) / b
+
+
+def _beta_fraction(x: float, a: float, b: float, tiny: float = 1e-300) -> float:
+    """The continued fraction of I_x(a, b) (modified Lentz), converged to float64 precision."""
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 10_000):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= c * d
+        if abs(c * d - 1.0) < 1e-16:
+            return result
+    raise LoraAnalysisError(f"incomplete beta I_{x}({a}, {b}) did not converge")
+
+
+def phi_column_null(i: int, d: int) -> BetaLaw:
+    """The law of φ(i, 1) (a fixed i-subspace of Rᵈ against a random direction):
+    Beta(i/2, (d − i)/2); i = 1 is φ(1, 1) of two random directions."""
     if not 1 <= i < d:
         raise LoraAnalysisError(f"φ(i, 1) null needs 1 ≤ i < d, got i={i}, d={d}")
-    return beta(i / 2, (d - i) / 2)
+    return BetaLaw(i / 2, (d - i) / 2)
 
 
 def _projection_moments(n: int, r: int) -> tuple[float, float]:
@@ -62,21 +134,15 @@ def projection_null_moments(singular_values, d_out: int, d_in: int, r: int) -> t
     return mean, max(fourth - mean * mean, 0.0)
 
 
-def haar_frames(d: int, k: int, count: int, seed: int) -> torch.Tensor:
-    """`count` independent Haar-random orthonormal frames: (count, d, k) float32.
-
-    Gaussian G: (d, k), then Q = G R⁻¹ with RᵀR = GᵀG (Cholesky, float64): the Q of G's QR
-    with a positive diagonal, which is Haar-distributed. Seeded through `seeded_generator`.
-    """
+def haar_frames(d: int, k: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` independent Haar-random orthonormal frames: (count, d, k) float32, drawn with
+    `seeding.random_basis` in chunks of `FRAMES_PER_CHUNK` from `generator` (one stream)."""
     if not 1 <= k <= d or count < 1:
         raise LoraAnalysisError(f"haar_frames needs 1 ≤ k ≤ d and count ≥ 1, got d={d}, k={k}, count={count}")
-    generator = seeded_generator(seed)
     out = torch.empty(count, d, k, dtype=torch.float32)
     for start in range(0, count, FRAMES_PER_CHUNK):
         stop = min(start + FRAMES_PER_CHUNK, count)
-        G = torch.randn(stop - start, d, k, generator=generator, dtype=torch.float64)
-        L = torch.linalg.cholesky(G.mT @ G)  # GᵀG = L Lᵀ, R = Lᵀ; Q = G L⁻ᵀ = (L⁻¹ Gᵀ)ᵀ (a left solve is the fast one)
-        out[start:stop] = torch.linalg.solve_triangular(L, G.mT, upper=False).mT.float()
+        out[start:stop] = random_basis(d, k, generator, count=stop - start).float()
     return out
 
 

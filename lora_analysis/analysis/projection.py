@@ -14,8 +14,9 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -24,8 +25,9 @@ from safetensors.torch import save_file
 
 from ..errors import LoraAnalysisError
 from ..fileio import atomic_write
-from .similarity import random_basis, seeded_generator, subspace_similarity
-from .spectrum import ModuleSpectrum, numerical_rank
+from ..seeding import random_basis, seeded_generator
+from .similarity import subspace_similarity
+from .spectrum import ModuleSpectrum, numerical_rank, rank_tolerance
 
 CACHE_VERSION = 1
 
@@ -55,8 +57,15 @@ class WeightSpectrum:
         return float(self.residuals.max()) if self.k else 0.0
 
     def top(self, k: int) -> "WeightSpectrum":
-        """The first k singular triplets (all of them when k ≥ self.k)."""
-        return WeightSpectrum(self.U[:, :k], self.S[:k], self.V[:, :k], self.exact, self.residuals[:k])
+        """The first k singular triplets (all of them when k ≥ self.k), as compact copies: a
+        view would keep the whole (d, d) storage of a full SVD alive (134 MB at 4096²)."""
+
+        def compact(t: torch.Tensor) -> torch.Tensor:
+            return t.clone(memory_format=torch.contiguous_format)
+
+        return WeightSpectrum(
+            compact(self.U[:, :k]), compact(self.S[:k]), compact(self.V[:, :k]), self.exact, compact(self.residuals[:k])
+        )
 
 
 def default_cache_dir() -> Path:
@@ -86,24 +95,24 @@ def weight_svd(
     under `cache_dir` (default `default_cache_dir()/weight_svd`) keyed by a SHA-256 of W's bytes
     and the parameters; written atomically.
     """
+    W = W.to(torch.float64 if W.dtype == torch.float64 else torch.float32)
+    params: dict[str, Any]
+    compute: Callable[[], WeightSpectrum]
     if k is None or min(W.shape) <= exact_max_dim:
         params = {"method": "exact"}  # one cache entry serves every k
+        compute = partial(_exact_svd, W)
     else:
         oversample = max(2 * k, 10) if oversample is None else oversample
         if power_iterations < 4 or oversample < 2 * k:
             raise LoraAnalysisError(f"randomized SVD needs oversample ≥ 2k and ≥ 4 power iterations, got {oversample}, {power_iterations}")
         params = {"method": "randomized", "k": k, "oversample": oversample, "power_iterations": power_iterations, "seed": seed}
-    work_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-    W = W.to(work_dtype)
+        width = min(k + oversample, min(W.shape))
+        compute = partial(randomized_svd, W.__matmul__, W.T.__matmul__, W.shape[1], k, width, power_iterations,
+                          seeded_generator(seed), W)
     path = _cache_path(W, params, cache_dir) if cache else None
     result = _load_cached(path, W.device) if path else None
     if result is None:
-        if params["method"] == "exact":
-            result = _exact_svd(W)
-        else:
-            width = min(k + oversample, min(W.shape))
-            generator = seeded_generator(seed)
-            result = randomized_svd(lambda X: W @ X, lambda Y: W.T @ Y, W.shape[1], k, width, power_iterations, generator, W)
+        result = compute()
         if path:
             _save_cached(path, result)
     return result if k is None else result.top(k)
@@ -145,7 +154,7 @@ def randomized_svd(
 
 def _cache_path(W: torch.Tensor, params: dict, cache_dir: str | os.PathLike | None) -> Path:
     digest = hashlib.sha256(json.dumps({**params, "version": CACHE_VERSION, "dtype": str(W.dtype), "shape": list(W.shape)}, sort_keys=True).encode())
-    digest.update(memoryview(W.detach().cpu().contiguous().numpy()).cast("B"))
+    digest.update(W.detach().cpu().contiguous().numpy().data)  # the bytes, without a copy
     return Path(cache_dir or default_cache_dir()) / "weight_svd" / f"{digest.hexdigest()}.safetensors"
 
 
@@ -205,12 +214,12 @@ def projection_norms(
         raise LoraAnalysisError(f"projection rank r={r} outside [0, {spectrum.S.numel()}]")
     if weight_spectrum is None or weight_spectrum.k < r:
         weight_spectrum = weight_svd(W, r)
-    W = W.to(spectrum.Q_B)
+    W = W.to(device=spectrum.device, dtype=spectrum.dtype)
     generator = seeded_generator(seed)
     random_U, random_V = random_basis(W.shape[0], r, generator), random_basis(W.shape[1], r, generator)
     delta = _projected_norm(W, spectrum.U[:, :r], spectrum.V[:, :r])
     weight_norm = float(torch.linalg.matrix_norm(W.double()))
-    delta_norm = float(torch.linalg.vector_norm(spectrum.S))
+    delta_norm = spectrum.frobenius_norm
     return ProjectionNorms(
         r=r,
         delta=delta,
@@ -238,5 +247,5 @@ def phi_vs_weight(spectrum: ModuleSpectrum, weight_spectrum: WeightSpectrum) -> 
     if U_W.shape[0] != spectrum.d_out:
         raise LoraAnalysisError(f"W's left singular vectors have dimension {U_W.shape[0]}, ΔW's d_out is {spectrum.d_out}")
     dim = max(U_W.shape[0], weight_spectrum.V.shape[0])
-    weight_rank = numerical_rank(weight_spectrum.S, dim, torch.finfo(U_W.dtype).eps)
+    weight_rank = numerical_rank(weight_spectrum.S, rank_tolerance(weight_spectrum.S, dim, torch.finfo(U_W.dtype).eps))
     return subspace_similarity(U_W, spectrum.U.to(U_W), weight_rank, spectrum.numerical_rank)

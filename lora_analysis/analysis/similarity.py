@@ -12,7 +12,6 @@ E‖U_iᵀU_j‖²_F = ij/d, so E[φ(i, j)] = max(i, j)/d.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -20,9 +19,11 @@ import numpy as np
 import torch
 
 from ..adapters import Adapter
+from ..config import BasisKind
 from ..errors import LoraAnalysisError
-from ..naming import strip_known_prefixes
-from .spectrum import Basis, BasisKind, ModuleSpectrum, adapter_spectra
+from ..naming import layer_of, layer_pattern, strip_known_prefixes
+from ..seeding import random_basis, seeded_generator
+from .spectrum import Basis, ModuleSpectrum, adapter_spectra
 
 Spectra = Mapping[str, ModuleSpectrum]
 
@@ -78,19 +79,6 @@ def chance_level(k1: int, k2: int, d: int) -> np.ndarray:
     return np.maximum(i, j) / d
 
 
-def seeded_generator(seed: int) -> torch.Generator:
-    """A CPU generator for `seed`, scrambled through numpy's SeedSequence: torch's generators
-    seeded with consecutive small integers give measurably correlated first draws."""
-    state = np.random.SeedSequence(seed).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
-def random_basis(d: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Uniformly random orthonormal (d, k): QR of a Gaussian matrix with sign-fixed R."""
-    Q, R = torch.linalg.qr(torch.randn(d, k, generator=generator, dtype=torch.float64))
-    return Q * torch.sign(torch.diagonal(R)).where(torch.diagonal(R) != 0, torch.ones(()))
-
-
 def random_reference_grid(d: int, k1: int, k2: int, seed: int = 0) -> np.ndarray:
     """φ grid of two independent random subspaces of Rᵈ (paper Fig. 4, third panel): (k1, k2)."""
     generator = seeded_generator(seed)
@@ -107,7 +95,7 @@ class Comparison:
     """
 
     grid: np.ndarray
-    basis: str
+    basis: BasisKind
     dim: int
     rank_a: int
     rank_b: int
@@ -119,7 +107,7 @@ class Comparison:
     @property
     def chance(self) -> np.ndarray:
         """Chance level max(i, j)/d, same shape as `grid`."""
-        return chance_level(*self.grid.shape, self.dim)
+        return chance_level(self.grid.shape[0], self.grid.shape[1], self.dim)
 
     def phi(self, i: int, j: int) -> float:
         """φ(i, j), 1-based."""
@@ -129,12 +117,17 @@ class Comparison:
 def compare_bases(a: Basis, b: Basis, top_k: int | None = None) -> Comparison:
     """`Comparison` of two bases of the same space.
 
-    M = aᵀb = rotation_aᵀ (frame_aᵀ frame_b) rotation_b: one d × k × k product, the rest small.
+    M = aᵀb = rotation_aᵀ (frame_aᵀ frame_b) rotation_b: one d × k × k product, the rest small
+    (a rotation of None is the identity).
     """
     if a.dim != b.dim:
         raise LoraAnalysisError(f"cannot compare bases of different dimensions {a.dim} and {b.dim}")
-    frames = torch.from_numpy(_cross_product(a.frame, b.frame))
-    M = (a.rotation.cpu().T @ frames @ b.rotation.cpu()).numpy()
+    product = torch.from_numpy(_cross_product(a.frame, b.frame))
+    if a.rotation is not None:
+        product = a.rotation.cpu().T @ product
+    if b.rotation is not None:
+        product = product @ b.rotation.cpu()
+    M = product.numpy()
     grid = phi_grid(M, a.rank, b.rank)
     k = min(a.rank, b.rank) if top_k is None else min(top_k, a.rank, b.rank)
     return Comparison(
@@ -150,9 +143,24 @@ def compare_bases(a: Basis, b: Basis, top_k: int | None = None) -> Comparison:
     )
 
 
-def compare_modules(a: ModuleSpectrum, b: ModuleSpectrum, basis: BasisKind = "A", top_k: int | None = None) -> Comparison:
-    """φ between two modules' spectra in the chosen basis (default: right-singular vectors of A)."""
-    return compare_bases(a.basis(basis), b.basis(basis), top_k)
+def compare_modules(a: ModuleSpectrum, b: ModuleSpectrum, basis: BasisKind = "A", top_k: int | None = None,
+                    fallback: bool = False) -> Comparison:
+    """φ between two modules' spectra in the chosen basis (default: right-singular vectors of A).
+
+    The bases "A" and "B" exist only for updates with such factors (`has_factor_bases`: LoRA,
+    AdaLoRA, Tucker); for others (LoHa, LoKr, DoRA, dense) asking for them raises, unless
+    `fallback`: then the pair is compared in ΔW's own singular vectors of the same space
+    (A → dW-right, the input space; B → dW-left), and `Comparison.basis` says so.
+    """
+    return compare_bases(a.basis(pair_basis(a, b, basis, fallback)), b.basis(pair_basis(a, b, basis, fallback)), top_k)
+
+
+def pair_basis(a: ModuleSpectrum, b: ModuleSpectrum, basis: BasisKind, fallback: bool) -> BasisKind:
+    """The basis two modules are compared in: `basis`, or with `fallback` ΔW's singular vectors
+    of the same space where "A"/"B" do not exist for one of them (see `compare_modules`)."""
+    if fallback and basis in ("A", "B") and not (a.has_factor_bases and b.has_factor_bases):
+        return "dW-right" if basis == "A" else "dW-left"
+    return basis
 
 
 @dataclass
@@ -167,7 +175,7 @@ class AdapterComparison:
     matched: dict[str, str]
     only_in_a: list[str]
     only_in_b: list[str]
-    basis: str
+    basis: BasisKind
 
 
 def compare_adapters(
@@ -176,14 +184,19 @@ def compare_adapters(
     basis: BasisKind = "A",
     top_k: int | None = None,
     progress: bool = False,
+    fallback: bool = False,
 ) -> AdapterComparison:
-    """φ of every module present in both adapters; lists the modules present in only one."""
+    """φ of every module present in both adapters; lists the modules present in only one.
+
+    `fallback`: pairs of kinds without factors A/B are compared in ΔW's singular vectors of
+    the same space, each pair's `basis` saying which (see `compare_modules`); else they raise.
+    """
     spectra_a, spectra_b = _spectra(a, progress), _spectra(b, progress)
     matched = match_module_names(list(spectra_a), list(spectra_b))
     comparisons = {}
     for name_a, name_b in matched.items():
         try:
-            comparisons[name_a] = compare_modules(spectra_a[name_a], spectra_b[name_b], basis, top_k)
+            comparisons[name_a] = compare_modules(spectra_a[name_a], spectra_b[name_b], basis, top_k, fallback)
         except LoraAnalysisError as e:
             raise LoraAnalysisError(f"module {name_a}: {e}") from None
     return AdapterComparison(
@@ -227,10 +240,7 @@ class LayerComparison:
     names: list[str]
     phi_11: np.ndarray
     top_k_mean: np.ndarray
-    basis: str
-
-
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+    basis: BasisKind
 
 
 def compare_layers(
@@ -238,17 +248,16 @@ def compare_layers(
 ) -> dict[str, LayerComparison]:
     """Layer-vs-layer φ inside one adapter, per module type (e.g. `encoder.layer.*.attention.self.query`).
 
-    The layer index is the last `.<int>.` component of the module name; module types present
-    in a single layer are skipped.
+    Layer and module type come from `naming.layer_of` / `naming.layer_pattern` (the first
+    integer component of the path, so MoE experts and T5 sub-layers stay apart); module types
+    present in a single layer are skipped.
     """
     spectra = _spectra(adapter, progress)
     groups: dict[str, list[tuple[int, str]]] = {}
     for name in spectra:
-        found = list(_LAYER_INDEX.finditer(name))
-        if found:
-            last = found[-1]
-            module_type = f"{name[: last.start()]}.*.{name[last.end():]}"
-            groups.setdefault(module_type, []).append((int(last.group(1)), name))
+        layer, module_type = layer_of(name), layer_pattern(name)
+        if layer is not None and module_type is not None:
+            groups.setdefault(module_type, []).append((layer[1], name))
     result = {}
     for module_type, members in groups.items():
         if len(members) < 2:

@@ -1,14 +1,30 @@
-"""Exact thin SVD of ΔW = s·B·A from the factors, and rank metrics of its spectrum.
+"""Exact thin SVD of every module's ΔW from its factored form, and rank metrics of its spectrum.
 
-Never forms the d_out × d_in matrix (Hu et al. 2021, Sec. 7; ../DESIGN.md "Math")::
+Each update hands over an exact form of ΔW (`adapters.updates`); nothing d_out × d_in is ever
+formed except where the form is dense (DoRA, loralib's reshaped conv: the documented exception).
 
-    B = Q_B R_B,  Aᵀ = Q_A R_A            (reduced QR, compute dtype ≥ float32)
-    s · R_B R_Aᵀ = U_c diag(S) V_cᵀ        (small core, float64)
-    ΔW = U diag(S) Vᵀ,  U = Q_B U_c: (d_out, m),  V = Q_A V_c: (d_in, m),  m = min(r, d_out, d_in)
+Low rank, ΔW = s · B diag(e) A (LoRA, AdaLoRA, Tucker's (up, M), LoHa's Khatri–Rao factors),
+B: (d_out, k), A: (k, d_in) — the route every low-rank kind takes (Hu et al. 2021, Sec. 7)::
 
-Cost O((d_out + d_in)·r²) per module. Orientation: always the `nn.Linear` one, ΔW: (d_out, d_in);
-U spans the output space and V the input space, also for GPT-2's Conv1D (`fan_in_fan_out`),
-whose stored ΔW is the transpose.
+    B = Q_B R_B,  Aᵀ = Q_A R_A            (reduced QR, compute dtype ≥ float32, batched)
+    R_B diag(e) R_Aᵀ = U_c diag(S') V_cᵀ    (small core, float64)
+    ΔW = U diag(S) Vᵀ,  U = Q_B U_c: (d_out, m),  V = Q_A V_c: (d_in, m),  S = s·S'
+
+Kronecker, ΔW = s · (L ⊗ R) (LoKr): the SVDs of L and R (float64), σ = {σᵢ(L)σⱼ(R)} sorted,
+singular vectors uᵢ ⊗ u'ⱼ, formed only when a basis is asked for.
+Block diagonal (fused experts): the union of the blocks' spectra, vectors placed per block.
+Dense, ΔW = s · M: LAPACK SVD in float64 (`dense_svd`, the seam for a randomized route).
+
+Over the whole float range: every tensor is first scaled by an exact power of two so its
+largest entry lies in [0.5, 1) (`updates.normalized`), the powers of two join s in a `Scale`
+(float64 mantissa, integer exponent), the SVD runs on the normalized factors, and only the
+singular values are multiplied back, once. Metrics are computed on σ/σ₁ and scaled back
+(`rank_metrics`). Where a number cannot be represented in float64 (σ₁ overflows; a singular
+value above the numerical-rank tolerance is below the normal range) the module is refused
+with one line rather than reported wrong.
+
+Orientation: always the `nn.Linear` one, ΔW: (d_out, d_in); U spans the output space and V the
+input space, also for GPT-2's Conv1D and embeddings, whose stored ΔW is the transpose.
 """
 
 from __future__ import annotations
@@ -16,18 +32,35 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters import Adapter, LoraModule
+from ..adapters import Adapter, Update
+from ..adapters.updates import (
+    BlockDiagonalForm,
+    DenseForm,
+    Form,
+    KroneckerForm,
+    LowRankForm,
+    Scale,
+    UpdateInfo,
+    normalized,
+    peak_exponent,
+    times_power_of_two_,
+)
+from ..config import BASIS_KINDS, BasisKind
+from ..devices import resolve_device
 from ..errors import LoraAnalysisError
 
 DEFAULT_TAUS: tuple[float, ...] = (0.9, 0.99)
-BasisKind = Literal["A", "B", "dW-left", "dW-right"]
-BASIS_KINDS: tuple[str, ...] = ("A", "B", "dW-left", "dW-right")
+FLOAT64_TINY = float(np.finfo(np.float64).tiny)  # smallest normal float64
+T = TypeVar("T")
+
+# Where the base weight W₀ of a module comes from, for kinds whose ΔW needs it (DoRA).
+BaseWeightSource = Callable[[str, Update], torch.Tensor]
 
 
 @dataclass
@@ -35,58 +68,91 @@ class Basis:
     """Orthonormal singular vectors ordered by singular value, for φ.
 
     Kept factored as vectors = frame @ rotation, frame: (d, k) orthonormal (a Q factor),
-    rotation: (k, k') float64 orthogonal columns, so φ between two bases needs one d-sized
-    product (frame₁ᵀframe₂) and small ones. singular_values: (k',) float64, descending; rank:
-    numerical rank — columns beyond it belong to (numerically) zero singular values and are arbitrary.
+    rotation: (k, k') float64 orthogonal columns, or None for the identity (frames that
+    already are the vectors), so φ between two bases needs one d-sized product
+    (frame₁ᵀframe₂) and small ones. singular_values: (k',) float64, descending (of ΔW up to
+    scale, or of a factor for the bases "A"/"B"); rank: numerical rank — columns beyond it
+    belong to (numerically) zero singular values and are arbitrary.
     """
 
     frame: torch.Tensor
-    rotation: torch.Tensor
+    rotation: torch.Tensor | None
     singular_values: torch.Tensor
     rank: int
-    kind: str
+    kind: BasisKind
 
     @property
     def dim(self) -> int:
         return self.frame.shape[0]
 
+    @property
+    def width(self) -> int:
+        """k': number of vectors."""
+        return self.frame.shape[1] if self.rotation is None else self.rotation.shape[1]
+
     @cached_property
     def vectors(self) -> torch.Tensor:
         """(d, k') singular vectors, in the frame's dtype."""
-        return self.frame @ self.rotation.to(self.frame)
+        return self.frame if self.rotation is None else self.frame @ self.rotation.to(self.frame)
 
 
 @dataclass
 class ModuleSpectrum:
-    """Exact thin SVD of one module's ΔW = s·B·A = U diag(S) Vᵀ, ΔW: (d_out, d_in).
+    """Exact thin SVD of one module's ΔW = U diag(S) Vᵀ, ΔW: (d_out, d_in), of any update kind.
 
     S: (m,) float64, descending, includes the scale s. `numerical_rank` counts S > `tolerance`
     = max(d_out, d_in)·eps·σ₁ (eps of the compute dtype); directions beyond it are arbitrary.
-    U: (d_out, m) output space, V: (d_in, m) input space — formed on first access from the
-    factorization kept here (B = Q_B R_B, Aᵀ = Q_A R_A, s·R_B R_Aᵀ = core_U diag(S) core_Vᵀ).
+    U: (d_out, m) output space, V: (d_in, m) input space — formed on first access (`basis`).
+    `info`: the update's kind, r, α, scale, storage (`UpdateInfo`). `exact`: the SVD is exact
+    to the compute precision (False once a randomized dense route reports `error_bound`, the
+    largest ‖ΔW vᵢ − σᵢuᵢ‖ / σ₁).
     """
 
     S: torch.Tensor
     numerical_rank: int
     tolerance: float
-    r: int
-    d_out: int
-    d_in: int
-    scale: float
-    alpha_known: bool
-    fan_in_fan_out: bool
-    Q_B: torch.Tensor = field(repr=False)  # (d_out, k_b), k_b = min(d_out, r)
-    R_B: torch.Tensor = field(repr=False)  # (k_b, r) float64
-    Q_A: torch.Tensor = field(repr=False)  # (d_in, k_a), k_a = min(d_in, r)
-    R_A: torch.Tensor = field(repr=False)  # (k_a, r) float64
-    core_U: torch.Tensor = field(repr=False)  # (k_b, m) float64
-    core_V: torch.Tensor = field(repr=False)  # (k_a, m) float64
-    _bases: dict[str, Basis] = field(default_factory=dict, init=False, repr=False, compare=False)
+    info: UpdateInfo
+    dtype: torch.dtype
+    device: torch.device
+    _factories: dict[BasisKind, Callable[[], Basis]] = field(repr=False)
+    exact: bool = True
+    error_bound: float = 0.0
+    released: bool = field(default=False, init=False)
+    _bases: dict[BasisKind, Basis] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
-        """(d_out, d_in): ΔW in the Linear orientation."""
-        return (self.d_out, self.d_in)
+        """(d_out, d_in): ΔW in the Linear orientation (convs flattened per output channel)."""
+        return self.info.shape
+
+    @property
+    def d_out(self) -> int:
+        return self.info.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.info.shape[1]
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+    @property
+    def r(self) -> int | None:
+        return self.info.r
+
+    @property
+    def scale(self) -> float:
+        """s (1.0 where α is unknown: see `alpha_known`)."""
+        return 1.0 if self.info.scale is None else self.info.scale
+
+    @property
+    def alpha_known(self) -> bool:
+        return self.info.alpha_known
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return self.info.storage.transposed is True
 
     @property
     def U(self) -> torch.Tensor:
@@ -99,36 +165,57 @@ class ModuleSpectrum:
         return self.basis("dW-right").vectors
 
     @property
+    def Q_B(self) -> torch.Tensor:
+        """The orthonormal frame of the left singular vectors (Q_B of the low-rank route); its
+        dtype and device are the spectrum's."""
+        return self.basis("dW-left").frame
+
+    @property
     def eps(self) -> float:
-        return torch.finfo(self.Q_B.dtype).eps
+        return torch.finfo(self.dtype).eps
+
+    @property
+    def frobenius_norm(self) -> float:
+        """‖ΔW‖_F = √Σσ² over the singular values above the tolerance (`frobenius_norm`)."""
+        return frobenius_norm(self.S, self.tolerance)
+
+    @property
+    def has_factor_bases(self) -> bool:
+        """Whether the bases "A" and "B" exist: the update has trained factors B and A
+        (LoRA, AdaLoRA, Tucker's up and M), not LoHa, LoKr, DoRA, dense or fused experts."""
+        return "A" in self._factories
 
     def basis(self, kind: BasisKind = "A") -> Basis:
         """Singular vectors for φ (paper Eq. 4), computed once per kind.
 
         "A": right-singular vectors of A, (d_in, k_a) — the paper's choice (Sec. 7.2).
         "B": left-singular vectors of B, (d_out, k_b) — the paper's footnote alternative.
-        "dW-left" / "dW-right": U (d_out, m) / V (d_in, m) of ΔW.
+        "dW-left" / "dW-right": U (d_out, m) / V (d_in, m) of ΔW — for every kind.
+        "A" and "B" exist only where the update has such factors (`has_factor_bases`).
         """
+        if kind not in BASIS_KINDS:
+            raise LoraAnalysisError(f"unknown basis {kind!r}: use one of {', '.join(BASIS_KINDS)}")
         if kind not in self._bases:
-            self._bases[kind] = self._basis(kind)
+            if self.released:
+                raise LoraAnalysisError(f"the singular vectors of this {self.kind} module were released "
+                                        "(release_vectors / AnalysisOptions(keep_vectors=False))")
+            if kind not in self._factories:
+                raise LoraAnalysisError(
+                    f"basis {kind!r} needs the LoRA factor {kind}, and a {self.kind} update has none: "
+                    f"use dW-{'right' if kind == 'A' else 'left'} (ΔW's own singular vectors in the same space)")
+            self._bases[kind] = self._factories[kind]()
         return self._bases[kind]
-
-    def _basis(self, kind: str) -> Basis:
-        if kind == "dW-left":
-            return Basis(self.Q_B, self.core_U, self.S, self.numerical_rank, kind)
-        if kind == "dW-right":
-            return Basis(self.Q_A, self.core_V, self.S, self.numerical_rank, kind)
-        if kind == "A":  # A = R_Aᵀ Q_Aᵀ; R_Aᵀ = P Σ Tᵀ  ⇒  right vectors of A: Q_A T
-            _, sv, th = torch.linalg.svd(self.R_A.T, full_matrices=False)
-            return Basis(self.Q_A, th.T, sv, numerical_rank(sv, max(self.r, self.d_in), self.eps), kind)
-        if kind == "B":  # B = Q_B R_B; R_B = P Σ Tᵀ  ⇒  left vectors of B: Q_B P
-            p, sv, _ = torch.linalg.svd(self.R_B, full_matrices=False)
-            return Basis(self.Q_B, p, sv, numerical_rank(sv, max(self.r, self.d_out), self.eps), kind)
-        raise LoraAnalysisError(f"unknown basis {kind!r}: use one of {', '.join(BASIS_KINDS)}")
 
     def metrics(self, taus: Sequence[float] = DEFAULT_TAUS) -> "RankMetrics":
         """`rank_metrics` of S with this spectrum's tolerance."""
         return rank_metrics(self.S, taus, tolerance=self.tolerance)
+
+    def release_vectors(self) -> None:
+        """Drop the singular vectors (and what they are made from: d × r frames per module),
+        keeping S and everything computed from it; `basis` refuses afterwards. For reports of
+        large adapters, which need the vectors only while each module is analysed."""
+        self._factories, self._bases = {}, {}
+        self.released = True
 
 
 @dataclass
@@ -138,7 +225,8 @@ class RankMetrics:
     frobenius ‖ΔW‖_F = √Σσ²; sigma_max σ₁; stable_rank Σσ²/σ₁²; roy_vetterli_rank exp(H(p)),
     p = σ/Σσ (Roy & Vetterli 2007); energy_effective_rank exp(H(p)), p = σ²/Σσ²;
     energy_rank[τ] = smallest k with Σ_{i≤k}σ² ≥ τ·Σσ²; numerical_rank = #σ > tolerance.
-    All ranks are 0 for ΔW = 0.
+    All ranks are 0 for ΔW = 0. Computed on σ/σ₁, so any σ₁ in float64's range gives the same
+    ranks and a representable ‖ΔW‖_F = σ₁·√Σ(σ/σ₁)².
     """
 
     frobenius: float
@@ -151,35 +239,55 @@ class RankMetrics:
 
 
 def rank_tolerance(S: torch.Tensor, dim: int, eps: float) -> float:
-    """dim·eps·σ₁ for descending S (the numpy `matrix_rank` rule)."""
+    """dim·eps·σ₁ for descending S (the numpy `matrix_rank` rule): singular values at or below
+    it are numerically zero."""
     return float(dim * eps * S[0]) if S.numel() else 0.0
 
 
-def numerical_rank(S: torch.Tensor, dim: int, eps: float) -> int:
-    """#σ > `rank_tolerance`."""
-    return int((S > rank_tolerance(S, dim, eps)).sum())
+def numerical_rank(S: torch.Tensor | np.ndarray, tolerance: float) -> int:
+    """#σ > `tolerance` (see `rank_tolerance`)."""
+    return int((S > tolerance).sum())
+
+
+def frobenius_norm(S: torch.Tensor | np.ndarray, tolerance: float = 0.0) -> float:
+    """‖ΔW‖_F = √Σσ² (float64) over the singular values above `tolerance`, as σ₁·√Σ(σ/σ₁)²
+    (no underflow of σ² for tiny σ, no overflow for huge ones)."""
+    s = np.asarray(torch.as_tensor(S).detach().cpu(), dtype=np.float64)
+    s = s[s > tolerance]
+    if not s.size:
+        return 0.0
+    peak = float(s.max())
+    return _times(peak, math.sqrt(float(np.square(s / peak).sum())), "‖ΔW‖_F")
+
+
+def _times(peak: float, factor: float, what: str) -> float:
+    value = peak * factor
+    if not math.isfinite(value):
+        raise LoraAnalysisError(f"{what} = {peak:.3g} × {factor:.6g} overflows float64: not representable")
+    return value
 
 
 def rank_metrics(S: torch.Tensor | np.ndarray, taus: Sequence[float] = DEFAULT_TAUS, tolerance: float = 0.0) -> RankMetrics:
-    """Rank metrics of singular values S (any order; see `RankMetrics`)."""
+    """Rank metrics of singular values S (any order; see `RankMetrics`), computed on σ/σ₁."""
     for tau in taus:
         if not 0.0 < tau <= 1.0:
             raise LoraAnalysisError(f"energy threshold tau must be in (0, 1], got {tau}")
     s = np.sort(np.asarray(torch.as_tensor(S).detach().cpu(), dtype=np.float64))[::-1]
-    s = np.where(s > tolerance, s, 0.0)
-    rank = int((s > 0).sum())
-    energy = s**2
-    total = energy.sum()
+    rank = numerical_rank(s, tolerance)
     if rank == 0:
         return RankMetrics(0.0, 0.0, 0.0, 0.0, 0.0, {float(t): 0 for t in taus}, 0)
+    peak = float(s[0])
+    ratio = np.where(s > tolerance, s / peak, 0.0)  # σ/σ₁ ∈ [0, 1]
+    energy = ratio**2
+    total = energy.sum()
     cumulative = np.cumsum(energy)
     # Relative slack so that e.g. τ = 0.5 of four equal values gives 2, not 3, under rounding.
     energy_rank = {float(t): int(np.searchsorted(cumulative, t * total * (1 - 1e-12)) + 1) for t in taus}
     return RankMetrics(
-        frobenius=math.sqrt(total),
-        sigma_max=float(s[0]),
-        stable_rank=float(total / s[0] ** 2),
-        roy_vetterli_rank=_exp_entropy(s / s.sum()),
+        frobenius=_times(peak, math.sqrt(float(total)), "‖ΔW‖_F"),
+        sigma_max=peak,
+        stable_rank=float(total),
+        roy_vetterli_rank=_exp_entropy(ratio / ratio.sum()),
         energy_effective_rank=_exp_entropy(energy / total),
         energy_rank=energy_rank,
         numerical_rank=rank,
@@ -191,120 +299,338 @@ def _exp_entropy(p: np.ndarray) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" → CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+# ---------------------------------------------------------------------------- entry points
 
 
 def module_spectrum(
-    module: LoraModule, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32
+    module: Update, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32,
+    base: torch.Tensor | None = None,
 ) -> ModuleSpectrum:
-    """Exact thin SVD of one module's ΔW (see module docstring); dtype: float32 or float64 QR."""
-    return next(iter_spectra([("module", module)], device, dtype))[1]
+    """Exact thin SVD of one module's ΔW (see module docstring); dtype: float32 or float64 QR.
+    `base`: W₀ (d_out, d_in), for kinds whose ΔW needs it (DoRA)."""
+    weights = None if base is None else (lambda name, update: base)
+    return next(iter_spectra([("module", module)], device, dtype, base=weights))[1]
 
 
 def iter_spectra(
-    modules: Iterable[tuple[str, LoraModule]],
+    modules: Iterable[tuple[str, Update]],
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float32,
     batch_size: int = 16,
+    base: BaseWeightSource | None = None,
 ) -> Iterator[tuple[str, ModuleSpectrum]]:
     """(name, spectrum) for a stream of modules, in order.
 
-    Consecutive modules of equal shape are stacked into batches of up to `batch_size` for one
-    batched QR/SVD; memory stays at one batch, so a lazy reader can stream a large adapter.
+    Consecutive low-rank modules of equal factor shapes are stacked into batches of up to
+    `batch_size` for one batched QR/SVD; memory stays at one batch, so a lazy reader can stream
+    a large adapter. `base(name, update)` gives W₀ (d_out, d_in) to kinds that need it (DoRA);
+    without it such a module is refused with one line.
     """
     device = resolve_device(device)
-    batch: list[tuple[str, LoraModule]] = []
-    for name, module in modules:
-        if batch and (_shape_key(module) != _shape_key(batch[0][1]) or len(batch) >= batch_size):
+    batch: list[tuple[str, Update, LowRankForm]] = []
+    for name, update in modules:
+        form = _form_of(name, update, dtype, base)
+        if batch and (not isinstance(form, LowRankForm) or _batch_key(form) != _batch_key(batch[0][2])
+                      or len(batch) >= batch_size):
             yield from _flush(batch, device, dtype)
             batch = []
-        batch.append((name, module))
+        if isinstance(form, LowRankForm):
+            batch.append((name, update, form))
+        else:
+            yield name, _checked(name, _single_spectrum(name, update.info, form))
     yield from _flush(batch, device, dtype)
 
 
 def adapter_spectra(
-    adapter: Adapter | Mapping[str, LoraModule],
+    adapter: Adapter | Mapping[str, Update],
     progress: bool = True,
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float32,
+    base: BaseWeightSource | None = None,
 ) -> dict[str, ModuleSpectrum]:
     """Spectrum of every module, in adapter order (see `iter_spectra`)."""
     items = adapter.items()
-    stream = tqdm(items, total=len(items), desc="spectra", unit="module", disable=not progress)
-    return dict(iter_spectra(stream, device, dtype))
+    return dict(with_progress(iter_spectra(items, device, dtype, base=base), len(items), "spectra", progress))
 
 
-def _shape_key(m: LoraModule) -> tuple:
-    return (tuple(m.A.shape), tuple(m.B.shape))
+def with_progress(results: Iterable[T], total: int, desc: str, enabled: bool = True) -> Iterator[T]:
+    """`results` with a progress bar on stderr counting modules DONE: the bar advances when the
+    consumer asks for the next result, i.e. once it has finished with the previous one (a bar
+    over the inputs would reach 100 % while the last batch is still being computed)."""
+    with tqdm(total=total, desc=desc, unit="module", disable=not enabled) as bar:
+        for result in results:
+            yield result
+            bar.update()
 
 
-def _flush(batch: list[tuple[str, LoraModule]], device: torch.device, dtype: torch.dtype):
-    if not batch:
-        return
-    try:
-        spectra = _spectra_of_batch([m for _, m in batch], device, dtype)
-    except torch.linalg.LinAlgError:
-        spectra = None
-    if spectra is None or not all(torch.isfinite(s.S).all() for s in spectra):
-        # Only on failure: find the culprit rather than scanning every factor up front.
-        for name, m in batch:
-            if not (torch.isfinite(m.A).all() and torch.isfinite(m.B).all()):
-                raise LoraAnalysisError(f"module {name}: LoRA factors contain NaN or Inf")
-        raise LoraAnalysisError(f"SVD failed for modules {[name for name, _ in batch]}")
-    yield from zip((name for name, _ in batch), spectra)
-
-
-def _compute_dtype(module: LoraModule, dtype: torch.dtype) -> torch.dtype:
+def _form_of(name: str, update: Update, dtype: torch.dtype, base: BaseWeightSource | None) -> Form:
     if not dtype.is_floating_point or torch.finfo(dtype).bits < 32:
         raise LoraAnalysisError(f"spectrum compute dtype must be float32 or float64, got {dtype}")
-    return torch.float64 if torch.float64 in (module.A.dtype, module.B.dtype) else dtype
+    if not update.needs_base:
+        return update.factored(dtype)
+    if base is None:
+        raise LoraAnalysisError(
+            f"module {name}: a {update.kind} update's ΔW = diag(m/‖W₀ + ΔW_dir‖)(W₀ + ΔW_dir) − W₀ needs the base "
+            "weight W₀: pass base weights (--base), or ask for the direction update s·B·A alone (--dora-direction)")
+    return update.factored(dtype, base(name, update))
 
 
-def _spectra_of_batch(modules: list[LoraModule], device: torch.device, dtype: torch.dtype) -> list[ModuleSpectrum]:
-    """Spectra of modules with equal factor shapes: one batched QR per factor, one batched core SVD."""
-    first = modules[0]
+# ---------------------------------------------------------------------------- factorizations
+
+
+@dataclass
+class _Factorization:
+    """A module's SVD before its scale is multiplied in: ΔW = scale · U diag(S_norm) Vᵀ.
+
+    S_norm: (m,) float64 descending; left / right: factories of the ΔW bases (U, V);
+    factor_bases: of "A" / "B" where they exist; dtype / device: of the frames."""
+
+    S_norm: torch.Tensor
+    scale: Scale
+    dim_eps: float  # max(d_out, d_in)·eps of the compute dtype: the relative rank tolerance
+    left: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
+    right: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
+    dtype: torch.dtype
+    device: torch.device
+    factor_bases: dict[BasisKind, Callable[[], Basis]] = field(default_factory=dict)
+    exact: bool = True
+    error_bound: float = 0.0
+
+    def vectors(self, side: str) -> torch.Tensor:
+        """U ("left") or V ("right"), contiguous."""
+        frame, rotation = (self.left if side == "left" else self.right)()
+        return (frame if rotation is None else frame @ rotation.to(frame)).contiguous()
+
+
+def _spectrum(factorization: _Factorization, info: UpdateInfo) -> ModuleSpectrum:
+    S = factorization.scale.apply(factorization.S_norm)
+    relative = factorization.dim_eps * float(factorization.S_norm[0]) if factorization.S_norm.numel() else 0.0
+    rank = numerical_rank(factorization.S_norm, relative)
+    tolerance = float(factorization.dim_eps * S[0]) if S.numel() else 0.0
+
+    def basis(side: str, kind: BasisKind) -> Callable[[], Basis]:
+        def make() -> Basis:
+            frame, rotation = (factorization.left if side == "left" else factorization.right)()
+            return Basis(frame, rotation, S, rank, kind)
+        return make
+
+    factories: dict[BasisKind, Callable[[], Basis]] = {
+        "dW-left": basis("left", "dW-left"), "dW-right": basis("right", "dW-right"), **factorization.factor_bases}
+    return ModuleSpectrum(S, rank, tolerance, info, factorization.dtype, factorization.device, factories,
+                          factorization.exact, factorization.error_bound)
+
+
+def _checked(name: str, spectrum: ModuleSpectrum) -> ModuleSpectrum:
+    """Refuse a spectrum float64 cannot hold: σ₁ overflowing, or a singular value above the
+    numerical-rank tolerance below the normal range (its digits would be lost)."""
+    S = spectrum.S
+    if S.numel() and not math.isfinite(float(S[0])):
+        raise LoraAnalysisError(f"module {name}: σ₁ of ΔW overflows float64 (scale s = {spectrum.scale:.3g}): not representable")
+    kept = S[: spectrum.numerical_rank]
+    if kept.numel() and float(kept[-1]) < FLOAT64_TINY:
+        raise LoraAnalysisError(
+            f"module {name}: singular values of ΔW down to {float(kept[-1]):.3g} lie below float64's normal range "
+            f"({FLOAT64_TINY:.3g}): not representable to float64 precision")
+    return spectrum
+
+
+def _single_spectrum(name: str, info: UpdateInfo, form: Form) -> ModuleSpectrum:
+    try:
+        factorization = _factorize(form)
+    except torch.linalg.LinAlgError:
+        raise LoraAnalysisError(f"module {name}: SVD failed") from None
+    if not torch.isfinite(factorization.S_norm).all():
+        raise LoraAnalysisError(f"module {name}: SVD failed (non-finite factors or ΔW)")
+    return _spectrum(factorization, info)
+
+
+def _factorize(form: Form) -> _Factorization:
+    """The unscaled SVD of one form, in float64 on the CPU (small or dense forms)."""
+    if isinstance(form, LowRankForm):
+        return _low_rank_batch([form], torch.device("cpu"), torch.float64)[0]
+    if isinstance(form, DenseForm):
+        return _dense(form)
+    if isinstance(form, KroneckerForm):
+        return _kronecker(form)
+    return _block_diagonal(form)
+
+
+@dataclass
+class DenseSVD:
+    """ΔW ≈ U diag(S) Vᵀ of a formed matrix: U: (d_out, k), S: (k,), V: (d_in, k) float64.
+    exact: a full LAPACK SVD; error_bound: max ‖M vᵢ − σᵢuᵢ‖ / σ₁ (0 when exact)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    exact: bool = True
+    error_bound: float = 0.0
+
+
+def dense_svd(M: torch.Tensor) -> DenseSVD:
+    """The SVD of a formed ΔW, M: (d_out, d_in) float64: exact LAPACK.
+
+    The seam for large dense updates (issue 12): a randomized SVD with an a-posteriori error
+    bound returns the same record with exact=False and its bound; every caller goes through here.
+    """
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return DenseSVD(U, S, Vh.T)
+
+
+def _dense(form: DenseForm) -> _Factorization:
+    M, exponent = normalized(form.M, torch.float64)
+    svd = dense_svd(M)
+    return _Factorization(
+        svd.S, form.scale.times(1.0, exponent), max(M.shape) * torch.finfo(torch.float64).eps,
+        lambda: (svd.U, None), lambda: (svd.V, None), torch.float64, torch.device("cpu"),
+        exact=svd.exact, error_bound=svd.error_bound,
+    )
+
+
+def _kronecker(form: KroneckerForm) -> _Factorization:
+    """σ(L ⊗ R) = {σᵢ(L)σⱼ(R)}, u = uᵢ ⊗ u'ⱼ, v = vᵢ ⊗ v'ⱼ, sorted by σ (all in float64)."""
+    left, right = _factorize(form.left), _factorize(form.right)
+    products = torch.kron(left.S_norm, right.S_norm)
+    order = torch.argsort(products, descending=True, stable=True)
+    d_out, d_in = form.shape
+
+    def side(name: str) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
+        return lambda: (kron(left.vectors(name), right.vectors(name))[:, order], None)
+
+    return _Factorization(
+        products[order], form.scale.times(left.scale).times(right.scale),
+        max(d_out, d_in) * torch.finfo(torch.float64).eps, side("left"), side("right"),
+        torch.float64, torch.device("cpu"),
+    )
+
+
+def kron(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """X ⊗ Y of matrices X: (m1, k1), Y: (m2, k2) → (m1·m2, k1·k2)."""
+    return (X[:, None, :, None] * Y[None, :, None, :]).reshape(X.shape[0] * Y.shape[0], X.shape[1] * Y.shape[1])
+
+
+def _block_diagonal(form: BlockDiagonalForm) -> _Factorization:
+    """The union of the blocks' spectra (on the largest block's scale), vectors placed per block."""
+    parts = [_factorize(block) for block in form.blocks]
+    top = max(parts, key=lambda p: p.scale.exponent if p.scale.value else -(2**62)).scale
+    values = torch.cat([_on_scale(part, top) for part in parts])
+    order = torch.argsort(values, descending=True, stable=True)
+
+    def side(name: str) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
+        return lambda: (torch.block_diag(*(p.vectors(name).double() for p in parts))[:, order], None)
+
+    d_out, d_in = form.shape
+    return _Factorization(
+        values[order], top, max(d_out, d_in) * torch.finfo(torch.float64).eps,
+        side("left"), side("right"), torch.float64, torch.device("cpu"),
+    )
+
+
+def _on_scale(part: _Factorization, top: Scale) -> torch.Tensor:
+    """part's singular values S_norm·part.scale written on `top`'s scale: S_norm·(part.scale / top)."""
+    if not top.value:
+        return torch.zeros_like(part.S_norm)
+    return Scale(part.scale.value / top.value, part.scale.exponent - top.exponent).apply(part.S_norm)
+
+
+# ---------------------------------------------------------------------------- the low-rank route
+
+
+def _batch_key(form: LowRankForm) -> tuple:
+    return (tuple(form.B.shape), tuple(form.A.shape), form.e is not None, form.factor_bases,
+            torch.float64 in (form.B.dtype, form.A.dtype))
+
+
+def _flush(batch: list[tuple[str, Update, LowRankForm]], device: torch.device, dtype: torch.dtype):
+    if not batch:
+        return
+    forms = [form for _, _, form in batch]
+    try:
+        factorizations: list[_Factorization] | None = _low_rank_batch(forms, device, dtype)
+    except torch.linalg.LinAlgError:
+        factorizations = None
+    if factorizations is None or not all(torch.isfinite(f.S_norm).all() for f in factorizations):
+        # Only on failure: find the culprit rather than scanning every factor up front.
+        for name, _, form in batch:
+            if not (torch.isfinite(form.A).all() and torch.isfinite(form.B).all()):
+                raise LoraAnalysisError(f"module {name}: LoRA factors contain NaN or Inf")
+        raise LoraAnalysisError(f"SVD failed for modules {[name for name, _, _ in batch]}")
+    for (name, update, _), factorization in zip(batch, factorizations):
+        yield name, _checked(name, _spectrum(factorization, update.info))
+
+
+def _compute_dtype(form: LowRankForm, dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in (form.A.dtype, form.B.dtype) else dtype
+
+
+def _low_rank_batch(forms: list[LowRankForm], device: torch.device, dtype: torch.dtype) -> list[_Factorization]:
+    """Factorizations of low-rank forms with equal factor shapes: one batched QR per factor (on
+    the normalized factors), one batched float64 core SVD."""
+    first = forms[0]
     dtype = _compute_dtype(first, dtype)
+    (d_out, k), d_in = first.B.shape, first.A.shape[1]
     # Filled with one converting copy per factor and laid out column-major (the .mT views), so
-    # LAPACK/cuSOLVER take them without another copy.
-    Bt = torch.empty(len(modules), first.r, first.d_out, device=device, dtype=dtype)
-    A = torch.empty(len(modules), first.r, first.d_in, device=device, dtype=dtype)
-    for i, m in enumerate(modules):
-        Bt[i].copy_(m.B.T)
-        A[i].copy_(m.A)
-    Q_B, R_B = torch.linalg.qr(Bt.mT)  # B: (n, d_out, r)
-    Q_A, R_A = torch.linalg.qr(A.mT)  # Aᵀ: (n, d_in, r)
+    # LAPACK/cuSOLVER take them without another copy; then scaled in place by a power of two.
+    Bt = torch.empty(len(forms), k, d_out, device=device, dtype=dtype)
+    A = torch.empty(len(forms), k, d_in, device=device, dtype=dtype)
+    exponents: list[tuple[int, int]] = []
+    for i, form in enumerate(forms):
+        Bt[i].copy_(form.B.T)  # exact: the compute dtype holds every value of the factor's
+        A[i].copy_(form.A)
+        e_B, e_A = peak_exponent(Bt[i]), peak_exponent(A[i])
+        times_power_of_two_(Bt[i], -e_B)
+        times_power_of_two_(A[i], -e_A)
+        exponents.append((e_B, e_A))
+    Q_B, R_B = torch.linalg.qr(Bt.mT)  # B: (n, d_out, k)
+    Q_A, R_A = torch.linalg.qr(A.mT)  # Aᵀ: (n, d_in, k)
     del Bt, A
-    # The r × r core in float64 on the CPU: tiny, and exact to double precision.
+    # The k × k core in float64 on the CPU: tiny, and exact to double precision.
     R_B, R_A = R_B.to("cpu", torch.float64), R_A.to("cpu", torch.float64)
-    scales = torch.tensor([m.scale for m in modules], dtype=torch.float64)
-    core = scales[:, None, None] * (R_B @ R_A.mT)
+    scales = [form.scale.times(1.0, e_B + e_A) for form, (e_B, e_A) in zip(forms, exponents)]
+    if first.e is not None:
+        es = []
+        for i, form in enumerate(forms):
+            assert form.e is not None
+            e, e_exponent = normalized(form.e.reshape(-1), torch.float64)
+            es.append(e)
+            scales[i] = scales[i].times(1.0, e_exponent)
+        core = (R_B * torch.stack(es)[:, None, :]) @ R_A.mT
+    else:
+        core = R_B @ R_A.mT
     core_U, S, core_Vh = torch.linalg.svd(core, full_matrices=False)
-    eps = torch.finfo(dtype).eps
-    dim = max(first.d_out, first.d_in)
-    spectra = []
-    for i, m in enumerate(modules):
-        tolerance = rank_tolerance(S[i], dim, eps)
-        spectra.append(
-            ModuleSpectrum(
-                S=S[i],
-                numerical_rank=int((S[i] > tolerance).sum()),
-                tolerance=tolerance,
-                r=m.r,
-                d_out=m.d_out,
-                d_in=m.d_in,
-                scale=m.scale,
-                alpha_known=m.alpha_known,
-                fan_in_fan_out=m.fan_in_fan_out,
-                Q_B=Q_B[i],
-                R_B=R_B[i],
-                Q_A=Q_A[i],
-                R_A=R_A[i],
-                core_U=core_U[i],
-                core_V=core_Vh[i].mT,
-            )
+    dim_eps = max(d_out, d_in) * torch.finfo(dtype).eps
+    return [
+        _Factorization(
+            S[i], scales[i], dim_eps,
+            _frame(Q_B[i], core_U[i]), _frame(Q_A[i], core_Vh[i].mT), dtype, device,
+            _factor_bases(Q_A[i], R_A[i], Q_B[i], R_B[i], exponents[i], k, d_out, d_in, dtype)
+            if forms[i].factor_bases else {},
         )
-    return spectra
+        for i in range(len(forms))
+    ]
+
+
+def _frame(Q: torch.Tensor, rotation: torch.Tensor) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
+    return lambda: (Q, rotation)
+
+
+def _factor_bases(Q_A: torch.Tensor, R_A: torch.Tensor, Q_B: torch.Tensor, R_B: torch.Tensor,
+                  exponents: tuple[int, int], k: int, d_out: int, d_in: int,
+                  dtype: torch.dtype) -> dict[BasisKind, Callable[[], Basis]]:
+    """Bases "A" (right-singular vectors of A) and "B" (left-singular vectors of B) from the QR
+    factors of the normalized factors (2**-e·A has A's singular vectors and σ(A)·2**-e)."""
+    eps = torch.finfo(dtype).eps
+    e_B, e_A = exponents
+
+    def basis_a() -> Basis:  # A = R_Aᵀ Q_Aᵀ; R_Aᵀ = P Σ Tᵀ  ⇒  right vectors of A: Q_A T
+        _, sv, th = torch.linalg.svd(R_A.T, full_matrices=False)
+        rank = numerical_rank(sv, rank_tolerance(sv, max(k, d_in), eps))
+        return Basis(Q_A, th.T, Scale(1.0, e_A).apply(sv), rank, "A")
+
+    def basis_b() -> Basis:  # B = Q_B R_B; R_B = P Σ Tᵀ  ⇒  left vectors of B: Q_B P
+        p, sv, _ = torch.linalg.svd(R_B, full_matrices=False)
+        rank = numerical_rank(sv, rank_tolerance(sv, max(k, d_out), eps))
+        return Basis(Q_B, p, Scale(1.0, e_B).apply(sv), rank, "B")
+
+    return {"A": basis_a, "B": basis_b}
+

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
-from scipy.stats import binom
 
 from ..errors import LoraAnalysisError
 
@@ -61,7 +60,7 @@ class SignTest:
     verdict: Verdict
 
 
-def sign_test(values: Sequence[float], reference: float, side: Side, alpha: float = ALPHA) -> SignTest:
+def sign_test(values: Sequence[float] | np.ndarray, reference: float, side: Side, alpha: float = ALPHA) -> SignTest:
     """`SignTest` of per-unit `values` (finite) against `reference`; the claim is "values are `side` of it"."""
     x = np.sort(np.asarray(values, dtype=float))
     if x.size == 0 or not np.all(np.isfinite(x)):
@@ -71,13 +70,20 @@ def sign_test(values: Sequence[float], reference: float, side: Side, alpha: floa
     above, below = int(np.sum(x > reference)), int(np.sum(x < reference))
     claim_side, other_side = (above, below) if side == "greater" else (below, above)
     n = above + below
-    p_value = min(1.0, 2.0 * float(binom.cdf(min(above, below), n, 0.5))) if n else 1.0
+    p_value = min(1.0, 2.0 * binomial_half_cdf(min(above, below), n)) if n else 1.0
     ci_low, ci_high, coverage = median_interval(x, alpha)
     return SignTest(
         reference=float(reference), side=side, n=n, claim_side=claim_side, other_side=other_side,
         p_value=p_value, median=float(np.median(x)), ci_low=ci_low, ci_high=ci_high, ci_coverage=coverage,
         alpha=alpha, verdict=_verdict(ci_low, ci_high, reference, side, p_value, alpha),
     )
+
+
+def binomial_half_cdf(k: int, n: int) -> float:
+    """P(Binomial(n, ½) ≤ k), exactly: Σ_{j ≤ k} C(n, j) / 2ⁿ in integers, rounded once."""
+    if k < 0:
+        return 0.0
+    return sum(math.comb(n, j) for j in range(min(k, n) + 1)) / 2**n
 
 
 def _verdict(low: float, high: float, reference: float, side: Side, p_value: float, alpha: float) -> Verdict:
@@ -90,12 +96,12 @@ def _verdict(low: float, high: float, reference: float, side: Side, p_value: flo
 def order_statistic_rank(m: int, alpha: float = ALPHA) -> int:
     """The largest k ≥ 1 with 2·P(Binomial(m, ½) ≤ k − 1) ≤ α (0 when none: m too small)."""
     k = 0
-    while k < m // 2 and 2.0 * float(binom.cdf(k, m, 0.5)) <= alpha:
+    while k < m // 2 and 2.0 * binomial_half_cdf(k, m) <= alpha:
         k += 1
     return k
 
 
-def median_interval(values: Sequence[float], alpha: float = ALPHA) -> tuple[float, float, float]:
+def median_interval(values: Sequence[float] | np.ndarray, alpha: float = ALPHA) -> tuple[float, float, float]:
     """(low, high, coverage): the distribution-free interval for the median of i.i.d. values,
     [x_(k), x_(m−k+1)] with k = `order_statistic_rank(m, α)`; (−∞, ∞) with coverage 1 when
     k = 0 (m ≤ 5: no finite order-statistic interval reaches 1 − α)."""
@@ -104,7 +110,7 @@ def median_interval(values: Sequence[float], alpha: float = ALPHA) -> tuple[floa
     k = order_statistic_rank(m, alpha)
     if k == 0:
         return -math.inf, math.inf, 1.0
-    coverage = 1.0 - 2.0 * float(binom.cdf(k - 1, m, 0.5))
+    coverage = 1.0 - 2.0 * binomial_half_cdf(k - 1, m)
     return float(x[k - 1]), float(x[m - k]), coverage
 
 

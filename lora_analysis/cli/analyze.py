@@ -1,8 +1,8 @@
 """`lora-analysis analyze` (what is in one adapter) and `lora-analysis compare` (φ between two).
 
-Start-up stays lean: this module imports only the standard library; the analysis (torch),
-the report renderers and matplotlib (HTML, --plot) are imported when a command runs and
-needs them.
+Start-up stays lean: this module imports only the standard library and torch-free tables;
+the analysis (torch), the report renderers and matplotlib (HTML, --plot) are imported when a
+command runs and needs them.
 """
 
 from __future__ import annotations
@@ -12,20 +12,30 @@ import contextlib
 import fnmatch
 import os
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
+from ..config import BASIS_KINDS
 from ..errors import LoraAnalysisError
 from .main import add_common_options
 
+if TYPE_CHECKING:
+    from ..adapters import Adapter
+    from ..base_weights import BaseWeights
+
 REPORT_FORMATS = ("text", "markdown", "json", "html")
 COMPARE_FORMATS = ("text", "markdown", "json")
-BASES = ("A", "B", "dW-left", "dW-right")
 
 ANALYZE_EPILOG = """\
-Metrics of ΔW = s·B·A are computed exactly from the factors (QR + r×r SVD), never by
-forming the d×k matrix. With base weights (--base, or the adapter's recorded
-base_model_name_or_path when it names a built-in model or a local directory), each module is
-also compared with its pretrained W (paper Table 7 and Figure 8, intruder dimensions); W's
-SVD is cached on disk.
+Metrics of ΔW are computed exactly from each module's factors, never by forming the d×k
+matrix: LoRA's s·B·A (QR + r×r SVD), and likewise AdaLoRA, Tucker LoCon and LoHa (Khatri–Rao
+factors), LoKr (σ = products of the Kronecker factors' σ); DoRA and loralib convs are formed
+and decomposed exactly, one module at a time. DoRA's ΔW needs the base weights. With base
+weights (--base, or the adapter's recorded base_model_name_or_path when it names a built-in
+model or a local directory), each module is also compared with its pretrained W (paper
+Table 7 and Figure 8, intruder dimensions); W's SVD is cached on disk. Formats read: PEFT
+(LoRA, AdaLoRA, LoHa, LoKr, DoRA), diffusers, kohya, LyCORIS, loralib, torchtune, LitGPT,
+AdapterHub.
 
 examples:
   lora-analysis analyze adapter_model.safetensors
@@ -49,14 +59,14 @@ examples:
 """
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     analyze = subparsers.add_parser(
         "analyze", help="rank analysis of one adapter (tables, JSON, HTML)",
         description="Rank analysis of a LoRA adapter: per-module spectrum of ΔW, effective ranks, "
                     "rank recommendation, and (with --base) ΔW against the pretrained weights.",
         epilog=ANALYZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    analyze.add_argument("adapter", metavar="ADAPTER", help="adapter .safetensors/.bin file or directory (ours, PEFT, kohya, loralib)")
+    analyze.add_argument("adapter", metavar="ADAPTER", help="adapter file (.safetensors, .bin, .pt, .pth) or directory")
     base = analyze.add_mutually_exclusive_group()
     base.add_argument("--base", metavar="MODEL",
                       help="pretrained weights: built-in name (minilm), Hugging Face model directory or .safetensors "
@@ -72,6 +82,7 @@ def register(subparsers) -> None:
                          help="energy thresholds for the energy rank and the rank recommendation (default: 0.9 0.99)")
     analyze.add_argument("--alpha", type=float, metavar="ALPHA",
                          help="LoRA alpha to assume where the file does not record it (else scale is reported unknown)")
+    _add_dora_direction(analyze)
     analyze.add_argument("--weight-k", type=_positive_int, default=64, metavar="K",
                          help="with --base: top-K singular vectors of W for φ against W (default: 64)")
     intruders = analyze.add_mutually_exclusive_group()
@@ -97,40 +108,48 @@ def register(subparsers) -> None:
     )
     compare.add_argument("adapter_a", metavar="ADAPTER_A")
     compare.add_argument("adapter_b", metavar="ADAPTER_B")
-    compare.add_argument("--basis", choices=BASES, default="A",
+    compare.add_argument("--basis", choices=BASIS_KINDS, default=None,
                          help="A: right-singular vectors of A (paper default); B: left of B; "
-                              "dW-left / dW-right: of ΔW (default: A)")
+                              "dW-left / dW-right: of ΔW (default: A, and dW-right for pairs whose update "
+                              "kind has no factor A, e.g. LoHa, LoKr, DoRA, each pair labelled)")
     compare.add_argument("--format", choices=COMPARE_FORMATS, default="text", help="report format (default: text)")
     compare.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE (atomically) instead of stdout")
     compare.add_argument("--plot", metavar="FILE", help="φ heatmaps (paper Figures 3/4) to FILE; format by extension: .png, .pdf, .svg")
     compare.add_argument("--top-k", type=_positive_int, metavar="K",
                          help="k of the mean over the top-k diagonal φ(i, i) (default: the smaller numerical rank)")
     _add_module_filter(compare)
+    _add_dora_direction(compare)
     compare.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda:0, ...")
     add_common_options(compare)
     compare.set_defaults(func=run_compare)
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from ..adapters import load_adapter
-    from ..analysis import analyze_adapter
+    from ..analysis import AnalysisOptions, analyze_adapter
+    from ..base_weights import BaseWeights
     from ..report import analyze_report, render_report
 
-    adapter = load_adapter(args.adapter, alpha=args.alpha)
+    _check_output_folder(args.output)
+    base = BaseWeights(args.base) if args.base else None
+    adapter = _load(args.adapter, args, base, alpha=args.alpha, dora_needs_base=False)
+    if base is None and not args.no_base:
+        source = _recorded_base(adapter, args)
+        if source:
+            base = BaseWeights(source)
+            adapter = _load(args.adapter, args, base, alpha=args.alpha)  # formats that tell layers apart by W's shapes
+    if base is None:
+        _refuse_dora_without_base(adapter, args.adapter)
     selected = _select(adapter, args.modules, args.adapter)
-    base, base_names = None, None
-    source = None if args.no_base else args.base or _recorded_base(adapter, args)
-    if source:
-        from ..base_weights import BaseWeights
-
-        base = BaseWeights(source)
-        base_names = {name: base.resolve(name) for name in selected}  # fail before the long work
+    base_names = None
+    if base is not None:  # fail before the long work
+        infos = {name: selected.info(name) for name in selected}
+        base_names = {name: base.resolve(name, i.component, i.storage.weight_suffix) for name, i in infos.items()}
     _progress(args, f"analyzing {len(selected)} module(s) of {args.adapter}")
-    analysis = analyze_adapter(
-        selected, base, taus=sorted(set(args.tau)), progress=not args.quiet, weight_k=args.weight_k,
-        intruders=args.intruders, intruder_k=args.intruder_k, intruder_epsilon=args.intruder_epsilon,
-        device=args.device,
+    options = AnalysisOptions(
+        taus=sorted(set(args.tau)), weight_k=args.weight_k, intruders=args.intruders, intruder_k=args.intruder_k,
+        intruder_epsilon=args.intruder_epsilon, device=args.device, keep_vectors=False,
     )
+    analysis = analyze_adapter(selected, base, options, progress=not args.quiet)
     report = analyze_report(
         analysis, selected, num_modules=len(adapter), base_names=base_names, patterns=args.modules, top=args.top,
     )
@@ -141,24 +160,28 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from ..adapters import load_adapter
-    from ..analysis import adapter_spectra, compare_adapters
+    from ..analysis import adapter_spectra, adapter_notes, compare_adapters
     from ..report import compare_report, render_report
 
     if args.plot:
         from ..plots import figure_format
 
         figure_format(args.plot)  # a bad extension fails before the work
-    adapter_a = _select(load_adapter(args.adapter_a), args.modules, args.adapter_a)
-    adapter_b = _select(load_adapter(args.adapter_b), args.modules, args.adapter_b)
+    _check_output_folder(args.output)
+    _check_output_folder(args.plot)
+    adapter_a = _select(_load(args.adapter_a, args), args.modules, args.adapter_a)
+    adapter_b = _select(_load(args.adapter_b, args), args.modules, args.adapter_b)
     spectra_a, spectra_b = (adapter_spectra(x, progress=not args.quiet, device=args.device) for x in (adapter_a, adapter_b))
-    comparison = compare_adapters(spectra_a, spectra_b, basis=args.basis, top_k=args.top_k)
-    report = compare_report(comparison, adapter_a, adapter_b, top_k=args.top_k, patterns=args.modules)
+    comparison = compare_adapters(spectra_a, spectra_b, basis=args.basis or "A", top_k=args.top_k,
+                                  fallback=args.basis is None)
+    notes = [f"{label}: {note}" for label, x in (("A", adapter_a), ("B", adapter_b)) for note in adapter_notes(x)]
+    report = compare_report(comparison, adapter_a, adapter_b, top_k=args.top_k, patterns=args.modules, notes=notes)
     if not report["pairs"]:
         raise LoraAnalysisError(f"{args.adapter_a} and {args.adapter_b}: no module in common "
                                 f"(A has e.g. {_examples(report['only_in_a'])}; B has e.g. {_examples(report['only_in_b'])})")
     if args.plot:
-        from ..plots import compare_figure, save_figure
+        from ..plots import save_figure
+        from ..report.figures import compare_figure
 
         with _writing(args.plot):
             save_figure(compare_figure(report), args.plot)
@@ -167,7 +190,7 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recorded_base(adapter, args: argparse.Namespace) -> str | None:
+def _recorded_base(adapter: Adapter, args: argparse.Namespace) -> str | None:
     """The adapter's own base model when its config names a built-in or a local directory (said on stderr)."""
     from ..base_weights import recorded_base
 
@@ -177,7 +200,30 @@ def _recorded_base(adapter, args: argparse.Namespace) -> str | None:
     return source
 
 
-def _select(adapter, patterns: list[str] | None, path: str):
+def _load(path: str, args: argparse.Namespace, base: BaseWeights | None = None, alpha: float | None = None,
+          dora_needs_base: bool = True) -> Adapter:
+    """The adapter at `path`, its modules streamed from the file (`base`'s shapes tell loralib
+    convs and PEFT target_parameters apart); DoRA modules need base weights or --dora-direction
+    (refused here, before any work, unless `dora_needs_base` is False)."""
+    from ..adapters import load_adapter
+
+    adapter = load_adapter(path, alpha=alpha, lazy=True, weight_shapes=base.tensor_shapes if base else None)
+    if args.dora_direction:
+        return adapter.dora_directions()
+    if dora_needs_base and base is None:
+        _refuse_dora_without_base(adapter, path)
+    return adapter
+
+
+def _refuse_dora_without_base(adapter: Adapter, path: str) -> None:
+    dora = [name for name in adapter.modules if adapter.info(name).kind == "dora"]
+    if dora:
+        raise LoraAnalysisError(
+            f"{path}: {len(dora)} DoRA module(s) (e.g. {dora[0]}): ΔW = diag(m/‖W₀ + sBA‖)(W₀ + sBA) − W₀ needs the "
+            "base weights (--base, analyze only); --dora-direction analyses the direction update s·B·A alone instead")
+
+
+def _select(adapter: Adapter, patterns: list[str] | None, path: str) -> Adapter:
     """The adapter restricted to modules whose path matches any glob pattern (all if None)."""
     if not patterns:
         return adapter
@@ -206,12 +252,19 @@ def _emit(text: str, args: argparse.Namespace) -> None:
 
 
 @contextlib.contextmanager
-def _writing(path: str):
+def _writing(path: str) -> Iterator[None]:
     """An unwritable output path is bad input (exit 2), not a crash."""
     try:
         yield
     except OSError as err:
         raise LoraAnalysisError(f"{path}: cannot write ({err.strerror or err})") from None
+
+
+def _check_output_folder(path: str | None) -> None:
+    """Refuse, before any work, an output file whose folder does not exist (it is not created:
+    a mistyped path would otherwise leave a new folder behind)."""
+    if path and not Path(path).parent.is_dir():
+        raise LoraAnalysisError(f"{path}: {str(Path(path).parent)!r} is not an existing folder (it is not created)")
 
 
 def _progress(args: argparse.Namespace, message: str) -> None:
@@ -221,6 +274,12 @@ def _progress(args: argparse.Namespace, message: str) -> None:
 
 def _examples(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (", ..." if len(names) > n else "") if names else "none"
+
+
+def _add_dora_direction(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dora-direction", action="store_true",
+                        help="analyse DoRA modules as their direction update s·B·A alone (magnitudes ignored; every "
+                             "output says so) instead of refusing them without base weights")
 
 
 def _add_module_filter(parser: argparse.ArgumentParser) -> None:

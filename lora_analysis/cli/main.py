@@ -3,7 +3,9 @@
 Exit codes: 0 success; 2 bad input or usage (one line on stderr naming the file and the
 problem; `--debug` shows the traceback); 1 unexpected failure.
 Each subcommand module exposes `register(subparsers)`, which adds its parser and sets
-`func=run` on it; `run(args) -> int | None`.
+`func=run` on it; `run(args) -> int | None`. Start-up stays lean: subcommand modules import
+only the standard library and torch-free tables at module level, so `--help`, `--version`
+and argument errors never import torch; the work's imports happen inside `run`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import importlib
 import sys
 import traceback
 import warnings
+from typing import TextIO
 
 from ..errors import LoraAnalysisError
+from ..version import __version__
 
 SUBCOMMANDS: list[str] = ["train", "analyze", "reproduce"]  # modules under lora_analysis.cli; each registers its subcommands
 
@@ -26,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"{__package__}.{name}").register(subparsers)
@@ -68,7 +73,8 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
     """Warnings for CLI users: one line on stderr, no source location."""
     print(f"lora-analysis: warning: {message}", file=file or sys.stderr)
 

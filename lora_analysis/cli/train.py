@@ -1,15 +1,18 @@
-"""`lora-analysis train` and `lora-analysis sweep`: train LoRA adapters with our own core."""
+"""`lora-analysis train` and `lora-analysis sweep`: train LoRA adapters with our own core.
+
+The parser reads `TrainConfig`'s defaults and the data tables, none of which import torch; the
+training code is imported when a command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import fields
+from typing import Any
 
 from ..config import ALL_LINEAR
-from ..training import TrainConfig, cell_name, run_sweep, train
-from ..training.config import parse_targets
-from ..training.data import BUILTIN_DATASETS
-from ..training.distributed import is_main_process
+from ..training.config import TrainConfig, parse_targets
+from ..training.data import BUILTIN_DATASETS, TASKS
 from .main import add_common_options
 
 TRAIN_EPILOG = """\
@@ -18,10 +21,14 @@ examples:
   lora-analysis train --data reviews.csv --text-column review --label-column stars --output-dir runs/mine
   lora-analysis train --model ./my-gpt2 --task causal-lm --data corpus.txt --targets c_attn --output-dir runs/lm
   lora-analysis train --steps 200 --output-dir runs/r8 --resume        # continue an interrupted run
+  lora-analysis train --steps 200 --seed 1 --output-dir runs/r8 --overwrite   # replace what is there
   torchrun --nproc_per_node 2 -m lora_analysis train --output-dir runs/ddp   # DDP, rank 0 writes
 
 The output directory is a PEFT adapter (adapter_model.safetensors + adapter_config.json, the
 classifier head as modules_to_save) plus metrics.json; checkpoint.pt exists while it runs.
+A directory holding a trained adapter or an unfinished run (checkpoint.pt) is refused unless
+--resume (continue it; a finished run of the same settings is kept as it is) or --overwrite
+(train from step 0 and replace it). A second run into a directory in use is refused.
 """
 
 SWEEP_EPILOG = """\
@@ -30,7 +37,8 @@ examples:
   lora-analysis sweep --ranks 8 64 --seeds 0 --steps 100 --output-dir runs/small
 
 One subdirectory per cell (e.g. r8-s0-query_value) and manifest.json. Re-running the same
-command skips finished cells and resumes unfinished ones.
+command skips finished cells and resumes unfinished ones; other settings are refused (use a new
+output directory). A second sweep into a directory in use is refused.
 """
 
 
@@ -40,7 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_training_options(train_parser, sweep=False)
-    train_parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    train_parser.add_argument("--resume", action="store_true",
+                              help="continue from OUTPUT_DIR/checkpoint.pt (a finished run of the same settings is kept)")
+    train_parser.add_argument("--overwrite", action="store_true",
+                              help="train from step 0 even if OUTPUT_DIR holds a trained adapter or a checkpoint, replacing them")
     add_common_options(train_parser)
     train_parser.set_defaults(func=run)
 
@@ -59,7 +70,7 @@ def _add_training_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
     targets_help = f"comma-separated module-name suffixes, '{ALL_LINEAR}', or 're:<regex>' (default: query,value)"
     g = parser.add_argument_group("model and data")
     g.add_argument("--model", default=d.model, help="'minilm' (built-in) or a local Hugging Face model directory")
-    g.add_argument("--task", default=d.task, choices=["classification", "causal-lm"])
+    g.add_argument("--task", default=d.task, choices=TASKS)
     g.add_argument("--data", default=d.data, help=f"built-in ({', '.join(BUILTIN_DATASETS)}) or a .csv/.tsv/.jsonl/.txt file")
     g.add_argument("--text-column", help="text column (default: text)")
     g.add_argument("--label-column", help="label column (default: label)")
@@ -95,13 +106,16 @@ def _add_training_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--output-dir", required=True, help="adapter directory" + (" root: one subdirectory per cell" if sweep else ""))
 
 
-def _config(args: argparse.Namespace, **cell) -> TrainConfig:
+def _config(args: argparse.Namespace, **cell: Any) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     values.update(cell, progress=not args.quiet)
     return TrainConfig(**values)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..training import train
+    from ..training.distributed import is_main_process
+
     result = train(_config(args, targets=parse_targets(args.targets)))
     if is_main_process():
         print(_summary(str(result.output_dir), result.metrics, result.status))
@@ -109,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
+    from ..training import cell_name, run_sweep
+    from ..training.distributed import is_main_process
+
     target_sets = [parse_targets(t) for t in args.targets]
     base = _config(args, r=args.ranks[0], seed=args.seeds[0], targets=target_sets[0], output_dir=None)
     result = run_sweep(base, args.output_dir, args.ranks, args.seeds, target_sets)
@@ -124,7 +141,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(name: str, metrics: dict, status: str) -> str:
+def _summary(name: str, metrics: dict[str, Any], status: str) -> str:
     final, initial = metrics.get("final") or {}, metrics.get("initial") or {}
     key = "val_accuracy" if "val_accuracy" in final else "val_perplexity"
     score = f"{key} {final[key]:.4f}" if key in final else "no validation set"

@@ -1,5 +1,7 @@
-"""The LoRA core: a layer wrapping Linear/Conv1D, injection into a model, merge/unmerge."""
+"""The LoRA core on `torch.nn` models: the layer, injection, merge/unmerge, and the bridge
+between models and `Adapter`s (`extract_adapter` reads one out, `apply_adapter` puts one in)."""
 
+from .apply import apply_adapter
 from .inject import (
     extra_parameters,
     extract_adapter,
@@ -13,17 +15,16 @@ from .inject import (
     trainable_parameters,
     unmerge_lora,
 )
-from .layer import LoraLinear, is_adaptable, is_conv1d, linear_shape
+from .layer import LoraLinear, is_adaptable
 
 __all__ = [
     "LoraLinear",
+    "apply_adapter",
     "extra_parameters",
     "extract_adapter",
     "find_target_modules",
     "inject_lora",
     "is_adaptable",
-    "is_conv1d",
-    "linear_shape",
     "lora_layers",
     "mark_trainable",
     "merge_lora",

@@ -12,18 +12,20 @@ substring of a parameter name. Trainable-parameter count is Σ r·(d_in + d_out)
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import replace
-from typing import Iterator
+from typing import Iterable, Iterator
 
-import torch
 from torch import nn
 
-from ..adapters.adapter import Adapter, LoraModule
-from ..config import ALL_LINEAR, LoraConfig, matches_suffix
+from ..adapters import Adapter, LoraModule
+from ..config import ALL_LINEAR, LoraConfig, effective_alpha, matches_suffix
 from ..errors import LoraAnalysisError
+from ..seeding import seeded_generator
 from .layer import LoraLinear, is_adaptable
+
+# Attribute under which a model keeps the config its LoRA layers were made with.
+CONFIG_ATTRIBUTE = "lora_config"
 
 
 def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -75,29 +77,43 @@ def inject_lora(model: nn.Module, config: LoraConfig, seed: int | None = 0) -> n
     subspaces (one shared stream would make A_{r=8} the first rows of A_{r=64} in the first
     layer, and φ between them would measure the shared init). The config is kept as
     `model.lora_config`.
+
+    A model that already has LoRA layers is refused (`remove_lora` first): wrapping a LoRA
+    layer's base again would nest LoRA in LoRA, and the new config would hide the old one.
     """
+    existing = [name for name, _ in named_lora_layers(model)]
+    if existing:
+        raise LoraAnalysisError(
+            f"the model already has {len(existing)} LoRA layer(s) (e.g. {existing[0]!r}): "
+            "call remove_lora first, or apply_adapter to load saved factors"
+        )
     for name in find_target_modules(model, config):
         base = model.get_submodule(name)
         r, alpha = config.rank_for(name), config.alpha_for(name)
         layer = LoraLinear(
             base,
             r=r,
-            alpha=r if alpha is None else alpha,  # α unset: s = 1
+            alpha=effective_alpha(alpha, r, config.use_rslora),  # α unset: s = 1
             dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             init=config.init_lora_weights,
-            generator=None if seed is None else module_generator(seed, name, r),
+            generator=None if seed is None else seeded_generator(seed, name, r),
         )
         replace_module(model, name, layer)
-    model.lora_config = config
+    set_lora_config(model, config)
     mark_trainable(model, config)
     return model
 
 
-def module_generator(seed: int, module_name: str, r: int) -> torch.Generator:
-    """A CPU generator for one module's init, independent across modules, ranks and seeds."""
-    digest = hashlib.sha256(f"{seed}:{module_name}:{r}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+def set_lora_config(model: nn.Module, config: LoraConfig) -> None:
+    """Keep `config` on the model (`model.lora_config`), where `extract_adapter` finds it."""
+    setattr(model, CONFIG_ATTRIBUTE, config)
+
+
+def lora_config_of(model: nn.Module) -> LoraConfig | None:
+    """The config kept by `inject_lora` / `apply_adapter`, or None."""
+    config = getattr(model, CONFIG_ATTRIBUTE, None)
+    return config if isinstance(config, LoraConfig) else None
 
 
 def mark_trainable(model: nn.Module, config: LoraConfig) -> None:
@@ -116,6 +132,7 @@ def extra_parameters(model: nn.Module, config: LoraConfig) -> dict[str, nn.Param
     `config.bias`, biases ("all": every module's, "lora_only": the wrapped layers'). Keyed by
     the parameter's name in the model without LoRA (`...query.bias`, not `...query.base.bias`)."""
     chosen = [p for module in _modules_to_save(model, config).values() for p in module.parameters()]
+    biases: Iterable[object]
     if config.bias == "all":
         biases = (getattr(m, "bias", None) for m in model.modules())
     elif config.bias == "lora_only":
@@ -171,8 +188,8 @@ def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
         elif not merge and layer.merged:
             layer.unmerge()
         replace_module(model, name, layer.base)
-    if hasattr(model, "lora_config"):
-        del model.lora_config
+    if hasattr(model, CONFIG_ATTRIBUTE):
+        delattr(model, CONFIG_ATTRIBUTE)
     return model
 
 
@@ -183,7 +200,7 @@ def extract_adapter(model: nn.Module, config: LoraConfig | None = None) -> Adapt
     Extra tensors: `extra_parameters(model, config)` (modules_to_save, biases per `config.bias`).
     The returned config is a copy; the model's is left as it was.
     """
-    config = config or getattr(model, "lora_config", None)
+    config = config or lora_config_of(model)
     if config is None:
         raise LoraAnalysisError("model has no LoRA config: call inject_lora first or pass config")
     modules = {

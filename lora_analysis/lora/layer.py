@@ -10,34 +10,19 @@ is transposed when it is added to a Conv1D weight.
 from __future__ import annotations
 
 import math
-import sys
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters import delta_weight
+from ..base_weights import is_conv1d, linear_shape, weight_of
+from ..config import lora_scale
 from ..errors import LoraAnalysisError
-
-LoraInit = Literal["kaiming", "gaussian"]
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """True for transformers' `Conv1D`. A Conv1D can only exist once transformers is imported,
-    so this never imports transformers itself."""
-    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
-    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
 
 
 def is_adaptable(module: nn.Module) -> bool:
     """Layers LoRA can wrap: `nn.Linear` and GPT-2's `Conv1D`."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in) of a Linear or Conv1D, whatever the weight's storage orientation."""
-    d0, d1 = module.weight.shape
-    return (d1, d0) if is_conv1d(module) else (d0, d1)
 
 
 class LoraLinear(nn.Module):
@@ -60,7 +45,7 @@ class LoraLinear(nn.Module):
         alpha: float,
         dropout: float = 0.0,
         use_rslora: bool = False,
-        init: LoraInit = "kaiming",
+        init: str = "kaiming",
         generator: torch.Generator | None = None,
     ):
         super().__init__()
@@ -78,14 +63,19 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(self.r, self.d_in))
         self.lora_B = nn.Parameter(torch.empty(self.d_out, self.r))
         self.reset_lora_parameters(init, generator)
-        self.to(base.weight.device)
+        self.to(weight_of(base).device)
 
     @property
     def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        """s = α/r (α/√r with rsLoRA), `config.lora_scale`."""
+        return lora_scale(self.alpha, self.r, self.use_rslora)
+
+    def get_base_layer(self) -> nn.Module:
+        """The wrapped pretrained layer (`base_weights.WrappedLayer`)."""
+        return self.base
 
     @torch.no_grad()
-    def reset_lora_parameters(self, init: LoraInit = "kaiming", generator: torch.Generator | None = None) -> None:
+    def reset_lora_parameters(self, init: str = "kaiming", generator: torch.Generator | None = None) -> None:
         # Initialise on the CPU so a CPU generator gives the same factors on every device.
         a = torch.empty(self.r, self.d_in)
         if init == "kaiming":
@@ -98,9 +88,8 @@ class LoraLinear(nn.Module):
         self.lora_B.zero_()
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = s·B·A in float32, in the base weight's storage orientation."""
-        delta = self.scale * (self.lora_B.float() @ self.lora_A.float())
-        return delta.T if self.fan_in_fan_out else delta
+        """ΔW = s·B·A in float32, in the base weight's storage orientation (`adapters.delta_weight`)."""
+        return delta_weight(self.lora_A, self.lora_B, self.scale, self.fan_in_fan_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -118,7 +107,7 @@ class LoraLinear(nn.Module):
         """W0 ← W0 + ΔW, computed in float32 and cast once. Refuses non-finite results."""
         if self.merged:
             raise LoraAnalysisError("LoRA layer is already merged")
-        self._set_weight(self.base.weight.float() + self.delta_weight(), "merge")
+        self._set_weight(weight_of(self.base).float() + self.delta_weight(), "merge")
         self.merged = True
 
     @torch.no_grad()
@@ -126,13 +115,14 @@ class LoraLinear(nn.Module):
         """W0 ← W0 − ΔW, undoing `merge`."""
         if not self.merged:
             raise LoraAnalysisError("LoRA layer is not merged")
-        self._set_weight(self.base.weight.float() - self.delta_weight(), "unmerge")
+        self._set_weight(weight_of(self.base).float() - self.delta_weight(), "unmerge")
         self.merged = False
 
     def _set_weight(self, new_weight: torch.Tensor, action: str) -> None:
         if not torch.isfinite(new_weight).all():
             raise LoraAnalysisError(f"{action} would produce non-finite weights; base weight left unchanged")
-        self.base.weight.copy_(new_weight.to(self.base.weight.dtype))
+        weight = weight_of(self.base)
+        weight.copy_(new_weight.to(weight.dtype))
 
     def extra_repr(self) -> str:
         return (

@@ -11,23 +11,34 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
-from .grouping import layer_labels, model_order, projection_type
+from ..naming import projection_type
+from ..version import __version__
+from .grouping import layer_labels, model_order
 from .summary import recommendation, summarize, tau_key
+from .types import (
+    AdapterInfo,
+    AnalyzedAdapterInfo,
+    AnalyzeReport,
+    BaseReport,
+    Chance,
+    CompareReport,
+    ModulePair,
+    ModuleReport,
+    PhiGrid,
+)
 
 if TYPE_CHECKING:
-    from ..adapters import Adapter, LoraModule
+    from ..adapters import Adapter, UpdateInfo
     from ..analysis import AdapterAnalysis, AdapterComparison, ModuleAnalysis
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 
 
 def generator() -> str:
-    from .. import __version__
-
     return f"lora-analysis {__version__}"
 
 
-def adapter_info(adapter: "Adapter") -> dict:
+def adapter_info(adapter: "Adapter") -> AdapterInfo:
     """`schema.json#/$defs/adapter_info` of an adapter (path: where it was loaded from)."""
     return {
         "path": adapter.source or "",
@@ -35,6 +46,7 @@ def adapter_info(adapter: "Adapter") -> dict:
         "base_model_name_or_path": adapter.config.base_model_name_or_path,
         "num_modules": len(adapter),
         "alpha_known": adapter.alpha_known,
+        "kinds": adapter.kinds,
     }
 
 
@@ -46,7 +58,7 @@ def analyze_report(
     base_names: Mapping[str, str] | None = None,
     patterns: Sequence[str] | None = None,
     top: int | None = None,
-) -> dict:
+) -> AnalyzeReport:
     """The `analyze` report of `adapter` (its selected modules) from `analysis`, modules in
     model order (`grouping.model_order`).
 
@@ -58,7 +70,7 @@ def analyze_report(
     layers = layer_labels(list(analysis.modules))
     base_names = base_names or {}
     entries = {
-        name: module_entry(name, adapter[name], analysis.modules[name], taus, layers[name], base_names.get(name, name))
+        name: module_entry(name, adapter.info(name), analysis.modules[name], taus, layers[name], base_names.get(name, name))
         for name in sorted(analysis.modules, key=model_order)
     }
     shown = entries
@@ -66,10 +78,12 @@ def analyze_report(
         ranked = sorted(entries, key=lambda n: entries[n]["frobenius_norm"], reverse=True)[:top]
         shown = {name: entries[name] for name in ranked}
     intruders = next((r.intruders for r in analysis.modules.values() if r.intruders is not None), None)
-    info = adapter_info(adapter)
-    info["num_modules"] = len(adapter) if num_modules is None else num_modules
-    info["num_analyzed"] = len(entries)
-    info["num_parameters"] = sum(e["parameters"] for e in entries.values())
+    info: AnalyzedAdapterInfo = {
+        **adapter_info(adapter),
+        "num_modules": len(adapter) if num_modules is None else num_modules,
+        "num_analyzed": len(entries),
+        "num_parameters": sum(e["parameters"] for e in entries.values()),
+    }
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "analyze",
@@ -90,21 +104,29 @@ def analyze_report(
     }
 
 
-def module_entry(name: str, module: "LoraModule", result: "ModuleAnalysis", taus: Sequence[float],
-                 layer: str | None, base_name: str) -> dict:
-    """`schema.json#/$defs/module_report` of one module from its factors and analysis."""
+def module_entry(name: str, info: "UpdateInfo", result: "ModuleAnalysis", taus: Sequence[float],
+                 layer: str | None, base_name: str) -> ModuleReport:
+    """`schema.json#/$defs/module_report` of one module from its update's info and analysis.
+
+    Recommended rank k at τ: a LoRA of rank k keeps that share of ΔW's energy (Eckart–Young),
+    with k·(d_in + d_out) parameters; the saving is against the update's own parameters (so it
+    is negative where the update is smaller than that LoRA, as LoKr's often are)."""
     metrics = result.metrics
     energy_rank = {tau_key(t): int(metrics.energy_rank[t]) for t in taus}
+    d_out, d_in = info.shape
     return {
-        "shape": [module.d_out, module.d_in],
-        "r": module.r,
-        "alpha": _number(module.alpha),
-        "scale": module.scale if module.alpha_known else None,
-        "use_rslora": module.use_rslora,
-        "fan_in_fan_out": module.fan_in_fan_out,
+        "kind": info.kind,
+        "component": info.component,
+        "storage": info.storage.describe(),
+        "shape": [d_out, d_in],
+        "r": info.r,
+        "alpha": _number(info.alpha),
+        "scale": info.scale,
+        "use_rslora": info.use_rslora,
+        "fan_in_fan_out": info.storage.transposed is True,
         "layer": layer,
         "projection": projection_type(name),
-        "parameters": module.r * (module.d_in + module.d_out),
+        "parameters": info.parameters,
         "frobenius_norm": metrics.frobenius,
         "sigma_max": metrics.sigma_max,
         "stable_rank": metrics.stable_rank,
@@ -113,15 +135,18 @@ def module_entry(name: str, module: "LoraModule", result: "ModuleAnalysis", taus
         "energy_rank": energy_rank,
         "numerical_rank": int(metrics.numerical_rank),
         "recommended_rank": energy_rank,
-        "parameter_saving": {k: (module.r - v) * (module.d_in + module.d_out) for k, v in energy_rank.items()},
+        "parameter_saving": {k: info.parameters - v * (d_in + d_out) for k, v in energy_rank.items()},
         "singular_values": [float(s) for s in result.spectrum.S],
-        "base": None if result.projection is None else base_entry(result, base_name),
+        "base": base_entry(result, base_name),
     }
 
 
-def base_entry(result: "ModuleAnalysis", base_name: str) -> dict:
-    """`schema.json#/$defs/base_report`: one module against its pretrained weight W."""
+def base_entry(result: "ModuleAnalysis", base_name: str) -> BaseReport | None:
+    """`schema.json#/$defs/base_report`: one module against its pretrained weight W (None when
+    it was analysed without one)."""
     projection, intruders = result.projection, result.intruders
+    if projection is None or result.phi_vs_weight is None:
+        return None
     return {
         "base_module": base_name,
         "weight_frobenius_norm": projection.weight_norm,
@@ -138,9 +163,9 @@ def base_entry(result: "ModuleAnalysis", base_name: str) -> dict:
     }
 
 
-def phi_grid(grid: np.ndarray, dim: int, top_k: int | None = None) -> dict:
+def phi_grid(grid: np.ndarray, dim: int, top_k: int | None = None) -> PhiGrid:
     """`schema.json#/$defs/phi_grid`: φ as rows (NaN → null), d, and the chance level."""
-    chance = {"formula": "max(i, j) / d", "phi_1_1": 1.0 / dim}
+    chance: Chance = {"formula": "max(i, j) / d", "phi_1_1": 1.0 / dim}
     if top_k:
         chance["mean_top_k_diagonal"] = (top_k + 1) / 2 / dim  # mean of i/d over i = 1..k
     return {"phi": [[_number(x) for x in row] for row in np.asarray(grid, dtype=float)], "dim": dim, "chance": chance}
@@ -153,16 +178,18 @@ def compare_report(
     *,
     top_k: int | None = None,
     patterns: Sequence[str] | None = None,
-) -> dict:
-    """The `compare` report: per module pair the full φ grid, summary numbers, chance level."""
-    pairs = {}
+    notes: Sequence[str] | None = None,
+) -> CompareReport:
+    """The `compare` report: per module pair the full φ grid, summary numbers, chance level.
+    `notes`: caveats of the adapters (unknown α, how their formats were read)."""
+    pairs: dict[str, ModulePair] = {}
     for name_a, c in comparison.modules.items():
         name_b = comparison.matched[name_a]
         pairs[name_a] = {
             "module_a": name_a,
             "module_b": name_b,
-            "r_a": adapter_a[name_a].r,
-            "r_b": adapter_b[name_b].r,
+            "r_a": adapter_a.info(name_a).r,
+            "r_b": adapter_b.info(name_b).r,
             "basis": c.basis,
             **phi_grid(c.grid, c.dim, c.top_k),
             "phi_1_1": _number(c.phi_11),
@@ -175,6 +202,7 @@ def compare_report(
         "kind": "compare",
         "generator": generator(),
         "basis": comparison.basis,
+        "notes": list(notes or []) + _basis_note(pairs, comparison.basis),
         "adapters": {"a": adapter_info(adapter_a), "b": adapter_info(adapter_b)},
         "settings": {"top_k": top_k, "modules": list(patterns) if patterns else None},
         "pairs": pairs,
@@ -183,7 +211,17 @@ def compare_report(
     }
 
 
-def _zero_note(entries: Mapping[str, Mapping]) -> list[str]:
+def _basis_note(pairs: Mapping[str, ModulePair], asked: str) -> list[str]:
+    other = sorted({p["basis"] for p in pairs.values() if p["basis"] != asked})
+    if not other:
+        return []
+    count = sum(p["basis"] != asked for p in pairs.values())
+    return [f"{count} module pair(s) compared in basis {' / '.join(other)}: their update kind (LoHa, LoKr, DoRA, "
+            f"dense, fused experts) has no factor {asked}; dW-right / dW-left are ΔW's own singular vectors "
+            "of the same space"]
+
+
+def _zero_note(entries: Mapping[str, ModuleReport]) -> list[str]:
     zero = [name for name, e in entries.items() if e["frobenius_norm"] == 0.0]
     if not zero:
         return []
@@ -191,7 +229,7 @@ def _zero_note(entries: Mapping[str, Mapping]) -> list[str]:
             "Their ranks are 0 and the recommendation drops them"]
 
 
-def _number(x) -> float | None:
+def _number(x: float | np.floating | None) -> float | None:
     """float, or None for None/NaN/Inf (JSON has no NaN)."""
     if x is None:
         return None

@@ -8,8 +8,10 @@ import base64
 import html
 from typing import Mapping, Sequence
 
-from .grouping import common_prefix, layer_of, model_order
+from ..naming import layer_of
+from .grouping import common_prefix, model_order
 from .tables import Table, analyze_header, analyze_tables
+from .types import AnalyzeReport, ModuleReport, base_of
 
 MAX_PHI_PANELS = 12
 NUM_CLASS = ' class="num"'
@@ -31,7 +33,7 @@ figcaption { font-size: 0.85em; color: #555; }
 """
 
 
-def render_html(report: Mapping) -> str:
+def render_html(report: AnalyzeReport) -> str:
     """The whole page for an `analyze` report (matplotlib is imported here, lazily)."""
     title = f"LoRA analysis: {display_name(report['adapter']['path'])}"
     parts = [
@@ -50,7 +52,7 @@ def render_html(report: Mapping) -> str:
     return "\n".join(parts)
 
 
-def analyze_figures(report: Mapping) -> list[tuple[bytes, str]]:
+def analyze_figures(report: AnalyzeReport) -> list[tuple[bytes, str]]:
     """(PNG bytes, caption) of each figure of the page."""
     from .. import plots
 
@@ -61,12 +63,13 @@ def analyze_figures(report: Mapping) -> list[tuple[bytes, str]]:
                 "Singular values of ΔW per module, normalized by σ₁, by projection type; colour = layer.")]
     rows, columns = _grid_axes(modules)
     if columns:
-        cells = {(m["projection"], m["layer"]): m["energy_effective_rank"] for m in modules.values() if m["layer"] is not None}
+        cells: dict[tuple[str, str], float | None] = {
+            (m["projection"], m["layer"]): m["energy_effective_rank"] for m in modules.values() if m["layer"] is not None}
         figures.append((plots.figure_bytes(plots.layer_heatmap(
             cells, rows=rows, columns=columns, title="Energy effective rank exp(H(σ²/Σσ²)) of ΔW", label="effective rank")),
             "Energy effective rank per layer and projection type (grey: no LoRA module there)."))
         if report["base"] is not None:
-            cells = {(m["projection"], m["layer"]): m["base"]["amplification"] for m in modules.values() if m["layer"] is not None}
+            cells = {(m["projection"], m["layer"]): base_of(m)["amplification"] for m in modules.values() if m["layer"] is not None}
             figures.append((plots.figure_bytes(plots.layer_heatmap(
                 cells, rows=rows, columns=columns, title="Amplification ‖ΔW‖_F / ‖UᵀWV‖_F", label="amplification",
                 cmap="magma", log=True)),
@@ -83,7 +86,7 @@ def analyze_figures(report: Mapping) -> list[tuple[bytes, str]]:
     return figures
 
 
-def phi_weight_panels(modules: Mapping[str, Mapping]) -> tuple[list, str]:
+def phi_weight_panels(modules: Mapping[str, ModuleReport]) -> tuple[list, str]:
     """φ-against-W panels of the `MAX_PHI_PANELS` modules with the largest ‖ΔW‖_F, in model order
     (layer by layer), titled "layer 3, q"; and the module paths' common prefix."""
     from .. import plots
@@ -91,8 +94,8 @@ def phi_weight_panels(modules: Mapping[str, Mapping]) -> tuple[list, str]:
     shown = sorted(sorted(modules, key=lambda n: modules[n]["frobenius_norm"], reverse=True)[:MAX_PHI_PANELS],
                    key=model_order)
     prefix = common_prefix(shown)
-    panels = [plots.PhiPanel(modules[n]["base"]["phi_weight"]["phi"], title=_panel_title(n, modules[n], prefix),
-                             xlabel="j (top-j of ΔW)", ylabel="i (top-i of W)", dim=modules[n]["base"]["phi_weight"]["dim"])
+    panels = [plots.PhiPanel(base_of(modules[n])["phi_weight"]["phi"], title=_panel_title(n, modules[n], prefix),
+                             xlabel="j (top-j of ΔW)", ylabel="i (top-i of W)", dim=base_of(modules[n])["phi_weight"]["dim"])
               for n in shown]
     return [p for p in panels if len(p.phi) and len(p.phi[0])], prefix
 
@@ -104,13 +107,13 @@ def display_name(path: str) -> str:
     return "/".join(parts[-2:]) if parts else "adapter"
 
 
-def _panel_title(name: str, module: Mapping, prefix: str) -> str:
+def _panel_title(name: str, module: ModuleReport, prefix: str) -> str:
     """"layer 3, query" for a numbered layer, else the name without the common prefix."""
     layer = layer_of(name)
     return f"layer {layer[1]}, {module['projection']}" if layer is not None else name[len(prefix):]
 
 
-def spectra_by_projection(modules: Mapping[str, Mapping]) -> dict[str, list[dict]]:
+def spectra_by_projection(modules: Mapping[str, ModuleReport]) -> dict[str, list[dict]]:
     """Module spectra grouped by projection type, in the form `plots.spectra_figure` takes."""
     groups: dict[str, list[dict]] = {}
     for name, m in modules.items():
@@ -120,11 +123,11 @@ def spectra_by_projection(modules: Mapping[str, Mapping]) -> dict[str, list[dict
     return groups
 
 
-def _grid_axes(modules: Mapping[str, Mapping]) -> tuple[list[str], list[str]]:
+def _grid_axes(modules: Mapping[str, ModuleReport]) -> tuple[list[str], list[str]]:
     """Rows (projection types) and columns (layers), both in model order."""
     layered = sorted((n for n, m in modules.items() if m["layer"] is not None), key=model_order)
     rows = list(dict.fromkeys(modules[n]["projection"] for n in sorted(layered, key=lambda n: model_order(n)[1])))
-    columns = list(dict.fromkeys(modules[n]["layer"] for n in layered))
+    columns = list(dict.fromkeys(layer for n in layered if (layer := modules[n]["layer"]) is not None))
     return rows, columns
 
 

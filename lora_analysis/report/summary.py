@@ -10,6 +10,7 @@ import math
 from typing import Iterable, Mapping, Sequence
 
 from .grouping import model_order
+from .types import GroupSummary, ModuleReport, Recommendation, Summary
 
 
 def tau_key(tau: float) -> str:
@@ -17,21 +18,21 @@ def tau_key(tau: float) -> str:
     return repr(float(tau))
 
 
-def recommended_parameters(entry: Mapping, tau: float) -> int:
+def recommended_parameters(entry: ModuleReport, tau: float) -> int:
     """Σ parameters of the module at its recommended rank: rank_τ·(d_in + d_out)."""
     d_out, d_in = entry["shape"]
     return entry["recommended_rank"][tau_key(tau)] * (d_in + d_out)
 
 
-def group_summary(group: str, entries: Sequence[Mapping], taus: Sequence[float]) -> dict:
+def group_summary(group: str, entries: Sequence[ModuleReport], taus: Sequence[float]) -> GroupSummary:
     """One row of a summary table (`schema.json#/$defs/group_summary`)."""
     n = len(entries)
 
     def mean(values: Iterable[float | None]) -> float | None:
-        values = [v for v in values if v is not None and math.isfinite(v)]
-        return sum(values) / len(values) if values else None
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        return sum(finite) / len(finite) if finite else None
 
-    row = {
+    row: GroupSummary = {
         "group": group,
         "modules": n,
         "parameters": sum(e["parameters"] for e in entries),
@@ -42,7 +43,7 @@ def group_summary(group: str, entries: Sequence[Mapping], taus: Sequence[float])
         "mean_energy_rank": {tau_key(t): mean(e["energy_rank"][tau_key(t)] for e in entries) or 0.0 for t in taus},
         "recommended_parameters": {tau_key(t): sum(recommended_parameters(e, t) for e in entries) for t in taus},
     }
-    bases = [e["base"] for e in entries if e.get("base")]
+    bases = [e["base"] for e in entries if e["base"] is not None]
     if bases:
         row["mean_amplification"] = mean(b["amplification"] for b in bases)
         counts = [b["intruders"]["count"] for b in bases if b["intruders"] is not None]
@@ -50,11 +51,11 @@ def group_summary(group: str, entries: Sequence[Mapping], taus: Sequence[float])
     return row
 
 
-def summarize(entries: Mapping[str, Mapping], taus: Sequence[float]) -> dict:
+def summarize(entries: Mapping[str, ModuleReport], taus: Sequence[float]) -> Summary:
     """Overall, per-layer and per-projection summaries, groups in model order (layers by
     index, modules outside numbered layers last; projections q, k, v, qkv, o, mlp...)."""
-    by_layer: dict[str, list] = {}
-    by_projection: dict[str, list] = {}
+    by_layer: dict[str, list[ModuleReport]] = {}
+    by_projection: dict[str, list[ModuleReport]] = {}
     for name in sorted(entries, key=model_order):
         entry = entries[name]
         by_layer.setdefault(entry["layer"] if entry["layer"] is not None else "(none)", []).append(entry)
@@ -67,10 +68,10 @@ def summarize(entries: Mapping[str, Mapping], taus: Sequence[float]) -> dict:
     }
 
 
-def recommendation(entries: Mapping[str, Mapping], taus: Sequence[float]) -> list[dict]:
+def recommendation(entries: Mapping[str, ModuleReport], taus: Sequence[float]) -> list[Recommendation]:
     """Total parameters if every module were cut to its energy rank at τ, per τ."""
     total = sum(e["parameters"] for e in entries.values())
-    rows = []
+    rows: list[Recommendation] = []
     for tau in taus:
         kept = sum(recommended_parameters(e, tau) for e in entries.values())
         rows.append({

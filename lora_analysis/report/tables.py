@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Sequence
 
+from ..config import BASIS_DESCRIPTIONS
 from .grouping import common_prefix
 from .summary import tau_key
+from .types import AnalyzeReport, CompareReport, GroupSummary, PhiGrid, Recommendation, base_of
 
 MISSING = "—"
 
@@ -28,7 +30,7 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
 
-def fmt(value, digits: int = 4) -> str:
+def fmt(value: float | int | bool | None, digits: int = 4) -> str:
     """A number for a table: integers as is, floats to `digits` significant digits, None → —."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return MISSING
@@ -47,7 +49,7 @@ def percent(tau: float) -> str:
 # ---------------------------------------------------------------------------- analyze
 
 
-def analyze_tables(report: Mapping) -> list[Table]:
+def analyze_tables(report: AnalyzeReport) -> list[Table]:
     """Summary by projection and by layer, rank recommendation, per-module table, and the
     table against the base weights when the report has one."""
     taus = report["settings"]["energy_thresholds"]
@@ -64,7 +66,7 @@ def analyze_tables(report: Mapping) -> list[Table]:
     return tables
 
 
-def _group_table(title: str, key: str, groups: Sequence[Mapping], taus, with_base: bool) -> Table:
+def _group_table(title: str, key: str, groups: Sequence[GroupSummary], taus: Sequence[float], with_base: bool) -> Table:
     columns = [key, "modules", "params", "‖ΔW‖_F", "stable rank", "energy eff. rank", "num. rank"]
     columns += [f"r@{percent(t)}" for t in taus]
     if with_base:
@@ -82,7 +84,7 @@ def _group_table(title: str, key: str, groups: Sequence[Mapping], taus, with_bas
     return Table(title, columns, rows, [False] + [True] * (len(columns) - 1), notes)
 
 
-def _recommendation_table(recommendation: Sequence[Mapping]) -> Table:
+def _recommendation_table(recommendation: Sequence[Recommendation]) -> Table:
     columns = ["energy kept", "params now", "params at recommended ranks", "saving", "saving %"]
     rows = [[percent(r["energy"]), fmt(r["parameters"]), fmt(r["recommended_parameters"]), fmt(r["saving"]),
              f"{100 * r['saving_fraction']:.1f}%"] for r in recommendation]
@@ -90,34 +92,42 @@ def _recommendation_table(recommendation: Sequence[Mapping]) -> Table:
     return Table("Rank recommendation", columns, rows, [False, True, True, True, True], notes)
 
 
-def _module_table(report: Mapping, taus) -> Table:
+def _module_table(report: AnalyzeReport, taus: Sequence[float]) -> Table:
+    modules = report["modules"]
+    components = any(m.get("component") for m in modules.values())
     columns = ["module", "shape", "r", "α", "scale", "‖ΔW‖_F", "σ₁", "stable rank", "Roy-Vetterli rank",
-               "energy eff. rank", *[f"r@{percent(t)}" for t in taus], "num. rank"]
+               "energy eff. rank", *[f"r@{percent(t)}" for t in taus], "num. rank", "kind"]
+    columns += ["component"] if components else []
     rows = []
-    for name, m in report["modules"].items():
-        rows.append([
+    for name, m in modules.items():
+        row = [
             name, "×".join(map(str, m["shape"])), fmt(m["r"]),
             fmt(m["alpha"]) if m["alpha"] is not None else "unknown",
             fmt(m["scale"]) if m["scale"] is not None else "unknown",
             fmt(m["frobenius_norm"]), fmt(m["sigma_max"]), fmt(m["stable_rank"], 3),
             fmt(m["roy_vetterli_rank"], 3), fmt(m["energy_effective_rank"], 3),
             *[fmt(m["recommended_rank"][tau_key(t)]) for t in taus], fmt(m["numerical_rank"]),
-        ])
+            m["kind"] + (f" ({m['storage']})" if m["storage"] else ""),
+        ]
+        rows.append(row + ([m.get("component") or MISSING] if components else []))
     settings, adapter = report["settings"], report["adapter"]
     title = "Modules"
     if settings["top"] is not None and settings["top"] < adapter["num_analyzed"]:
         title += f" (top {len(rows)} of {adapter['num_analyzed']} by ‖ΔW‖_F)"
     notes = ["r@τ: recommended rank, the smallest k with Σ_{i≤k}σ² ≥ τ·Σσ²; stable rank Σσ²/σ₁²; "
-             "Roy-Vetterli rank exp(H(σ/Σσ)); energy eff. rank exp(H(σ²/Σσ²))"]
-    return Table(title, columns, rows, [False, False] + [True] * (len(columns) - 2), notes)
+             "Roy-Vetterli rank exp(H(σ/Σσ)); energy eff. rank exp(H(σ²/Σσ²))",
+             "kind: how ΔW is made from the file's tensors (lora s·B·A, adalora, tucker, loha, lokr, dora, "
+             "dora-direction, dense); shape [d_out, d_in], conv kernels flattened per output channel"]
+    numeric = [False, False] + [True] * (len(columns) - 2 - 1 - int(components)) + [False] * (1 + int(components))
+    return Table(title, columns, rows, numeric, notes)
 
 
-def _base_table(report: Mapping) -> Table:
+def _base_table(report: AnalyzeReport) -> Table:
     columns = ["module", "‖W‖_F", "‖ΔW‖_F", "‖UᵀWV‖ ΔW", "‖UᵀWV‖ W", "‖UᵀWV‖ random", "amplification",
                "φ_W(k, k)", "chance", "intruders"]
     rows = []
     for name, m in report["modules"].items():
-        b = m["base"]
+        b = base_of(m)
         proj = b["projection_norms"]
         k, phi_kk = _phi_weight_corner(b["phi_weight"])
         rows.append([
@@ -139,7 +149,7 @@ def _base_table(report: Mapping) -> Table:
     return Table("Against the base weights", columns, rows, [False] + [True] * (len(columns) - 1), notes)
 
 
-def _phi_weight_corner(grid: Mapping) -> tuple[int, float | None]:
+def _phi_weight_corner(grid: PhiGrid) -> tuple[int, float | None]:
     """(k, φ(k, k)) at the largest unmasked diagonal entry of a φ grid; (0, None) if none."""
     phi = grid["phi"]
     for k in range(min(len(phi), len(phi[0]) if phi else 0), 0, -1):
@@ -151,12 +161,14 @@ def _phi_weight_corner(grid: Mapping) -> tuple[int, float | None]:
 # ---------------------------------------------------------------------------- compare
 
 
-def compare_tables(report: Mapping) -> list[Table]:
+def compare_tables(report: CompareReport) -> list[Table]:
     """Per module pair: ranks, φ(1,1), mean top-k diagonal, their chance levels, principal
     angles; plus the modules found in one adapter only."""
     top_k = report["settings"]["top_k"]
     columns = ["module", "r_a", "r_b", "d", "φ(1,1)", "chance", "mean φ(i,i) i≤k", "chance",
                "k", "smallest angle°", "largest angle°"]
+    mixed = any(p["basis"] != report["basis"] for p in report["pairs"].values())
+    columns += ["basis"] if mixed else []
     rows = []
     for name, p in report["pairs"].items():
         angles = p["principal_angles_deg"]
@@ -165,26 +177,18 @@ def compare_tables(report: Mapping) -> list[Table]:
             fmt(p["r_a"]), fmt(p["r_b"]), fmt(p["dim"]), fmt(p["phi_1_1"], 3), fmt(p["chance"]["phi_1_1"], 2),
             fmt(p["mean_top_k_diagonal"], 3), fmt(p["chance"].get("mean_top_k_diagonal"), 2), fmt(p["top_k"]),
             fmt(angles[0] if angles else None, 3), fmt(angles[-1] if angles else None, 3),
-        ])
+        ] + ([p["basis"]] if mixed else []))
     notes = [
-        f"basis {report['basis']}: {BASIS_NOTES[report['basis']]}; φ(i, j) = ‖U_iᵀ V_j‖²_F / min(i, j) (paper Eq. 4)",
+        f"basis {report['basis']}: {BASIS_DESCRIPTIONS[report['basis']]}; φ(i, j) = ‖U_iᵀ V_j‖²_F / min(i, j) (paper Eq. 4)",
         (f"k = min({top_k}, numerical ranks)" if top_k else "k = the smaller numerical rank")
         + "; chance = expected φ of independent random subspaces, max(i, j)/d",
     ]
     tables = [Table("Subspace similarity φ per module", columns, rows,
-                    [False] + [True] * (len(columns) - 1), notes)]
+                    [False] + [True] * (len(columns) - 1 - int(mixed)) + [False] * int(mixed), notes)]
     unmatched = [[name, "A only"] for name in report["only_in_a"]] + [[name, "B only"] for name in report["only_in_b"]]
     if unmatched:
         tables.append(Table("Modules in one adapter only", ["module", "present in"], unmatched, [False, False]))
     return tables
-
-
-BASIS_NOTES = {
-    "A": "right-singular vectors of A (input space)",
-    "B": "left-singular vectors of B (output space)",
-    "dW-left": "left-singular vectors of ΔW (output space)",
-    "dW-right": "right-singular vectors of ΔW (input space)",
-}
 
 
 # ---------------------------------------------------------------------------- renderers
@@ -202,7 +206,7 @@ def render_text(title: str, header: Sequence[str], tables: Sequence[Table]) -> s
             notes.insert(0, f"module paths relative to {prefix}")
         widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(columns)]
 
-        def line(cells):
+        def line(cells: Sequence[str]) -> str:
             return "  ".join(c.rjust(w) if num else c.ljust(w)
                              for c, w, num in zip(cells, widths, table.numeric)).rstrip()
 
@@ -217,24 +221,26 @@ def render_markdown(title: str, header: Sequence[str], tables: Sequence[Table]) 
     out = [f"# {title}", "", *(f"- {h}" for h in header), ""]
     for table in tables:
         out += [f"## {table.title}", ""]
-        out += markdown_table(table.columns, table.rows, table.numeric)
+        out.append(markdown_table(table.columns, table.rows, table.numeric).rstrip("\n"))
         out += [""] + [f"*{_md_cell(n)}*  " for n in table.notes] + [""]
     return "\n".join(out)
 
 
-def markdown_table(columns: Sequence[str], rows: Sequence[Sequence], numeric: Sequence[bool] | None = None) -> list[str]:
-    """Lines of a GitHub pipe table; `numeric` columns are right-aligned."""
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]], numeric: Sequence[bool] | None = None) -> str:
+    """A GitHub pipe table, one line per row, each line ending in a newline; `numeric`
+    columns are right-aligned."""
     numeric = numeric or [False] * len(columns)
     lines = ["| " + " | ".join(_md_cell(str(c)) for c in columns) + " |"]
     lines.append("|" + "|".join("---:" if num else ":---" for num in numeric) + "|")
-    return lines + ["| " + " | ".join(_md_cell(str(c)) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(_md_cell(str(c)) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("*", "\\*").replace("_", "\\_")
 
 
-def analyze_header(report: Mapping) -> list[str]:
+def analyze_header(report: AnalyzeReport) -> list[str]:
     """Lines describing what was analyzed, shown above the tables."""
     adapter, settings = report["adapter"], report["settings"]
     lines = [f"adapter: {adapter['path']} ({adapter['format'] or 'unknown format'})"]
@@ -243,15 +249,20 @@ def analyze_header(report: Mapping) -> list[str]:
     selected = f"{adapter['num_analyzed']} of {adapter['num_modules']}" if adapter["num_analyzed"] != adapter["num_modules"] else str(adapter["num_modules"])
     lines.append(f"modules: {selected}" + (f" (matching {', '.join(settings['modules'])})" if settings["modules"] else "")
                  + f"; LoRA parameters: {fmt(adapter['num_parameters'])}")
+    lines.append("update kinds: " + _kinds(adapter["kinds"]))
     if report["base"] is not None:
         lines.append(f"base weights: {report['base']['path']}")
     return lines + [f"note: {note}" for note in report["notes"]]
 
 
-def compare_header(report: Mapping) -> list[str]:
+def _kinds(kinds: dict[str, int]) -> str:
+    return ", ".join(f"{kind} ×{count}" for kind, count in kinds.items()) or "none"
+
+
+def compare_header(report: CompareReport) -> list[str]:
     a, b = report["adapters"]["a"], report["adapters"]["b"]
     return [
-        f"A: {a['path']} ({a['format'] or 'unknown format'}, {a['num_modules']} modules)",
-        f"B: {b['path']} ({b['format'] or 'unknown format'}, {b['num_modules']} modules)",
-        f"basis: {report['basis']}, the {BASIS_NOTES[report['basis']]}; {len(report['pairs'])} module pairs compared",
-    ]
+        f"A: {a['path']} ({a['format'] or 'unknown format'}, {a['num_modules']} modules: {_kinds(a['kinds'])})",
+        f"B: {b['path']} ({b['format'] or 'unknown format'}, {b['num_modules']} modules: {_kinds(b['kinds'])})",
+        f"basis: {report['basis']}, the {BASIS_DESCRIPTIONS[report['basis']]}; {len(report['pairs'])} module pairs compared",
+    ] + [f"note: {note}" for note in report["notes"]]

@@ -23,9 +23,11 @@ def reproduce(config: ReproduceConfig, command: str = "lora-analysis reproduce")
     (`check_output_dir`; `config.force` overrides). Returns the numbers written to
     `config.out/results.json` (claims included).
     """
-    check_output_dir(config.out, output_record(config), config.force)
+    out = config.out
+    assert out is not None  # ReproduceConfig sets it
+    check_output_dir(out, output_record(config), config.force)
     runs = train_sweep(config)
-    return render_all(Section7(runs), config.out, command, progress=config.progress)
+    return render_all(Section7(runs), out, command, progress=config.progress)
 
 
 __all__ = ["Claim", "ClaimPart", "ReproduceConfig", "Runs", "Section7", "check_output_dir", "claims", "render",

@@ -99,7 +99,7 @@ def section7_claims(s7: Section7) -> list[Claim]:
     return claims + [amplification(s7), not_top_but_above_random(s7)]
 
 
-def _part(label: str, statistic: str, units: list[str], values: Sequence[float], reference: float, side: Side,
+def _part(label: str, statistic: str, units: list[str], values: Sequence[float] | np.ndarray, reference: float, side: Side,
           null: str, null_probs: Sequence[float], extra: dict | None = None) -> ClaimPart:
     values = [float(v) for v in values]
     return ClaimPart(label, statistic, units, values, sign_test(values, reference, side, ALPHA), null,
@@ -159,7 +159,8 @@ def seed_rank(s7: Section7) -> Claim:
 def amplification(s7: Section7) -> Claim:
     target = s7.targets[0]
     low, high = 4, 64
-    amps, null_probs = {low: [], high: []}, []
+    amps: dict[int, list[float]] = {low: [], high: []}
+    null_probs: list[float] = []
     for layer, seed in s7.units:
         norms = s7.projections(target, layer, seed)
         for r in (low, high):

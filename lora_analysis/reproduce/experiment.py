@@ -16,7 +16,7 @@ from ..adapters import Adapter, load_adapter
 from ..config import matches_suffix
 from ..errors import LoraAnalysisError
 from ..fileio import read_json
-from ..report.grouping import layer_of
+from ..naming import layer_of
 from ..training import TrainConfig, cell_name, run_sweep
 from ..training.models import resolve_model
 
@@ -87,7 +87,6 @@ class ReproduceConfig:
         return sets
 
     def train_config(self) -> TrainConfig:
-        optional = {"lr": self.lr} if self.lr is not None else {}
         return TrainConfig(
             model=self.model,
             data=self.data,
@@ -99,7 +98,7 @@ class ReproduceConfig:
             checkpoint_every=0 if self.quick else 100,
             device=self.device,
             progress=self.progress,
-            **optional,
+            lr=TrainConfig.lr if self.lr is None else self.lr,
         )
 
 
@@ -125,7 +124,8 @@ class Runs:
     def layers(self) -> list[int]:
         """Layer indices holding the first target in the full-target adapter, ascending."""
         adapter = self.adapter(self.config.ranks[0], self.config.seeds[0])
-        found = sorted({layer_of(n)[1] for n in adapter if layer_of(n) and matches_suffix(n, self.config.targets[:1])})
+        found = sorted({layer[1] for n in adapter
+                        if (layer := layer_of(n)) is not None and matches_suffix(n, self.config.targets[:1])})
         if not found:
             raise LoraAnalysisError(f"no numbered layer holds target {self.config.targets[0]!r} in the trained adapters")
         wanted = self.config.layers
@@ -156,5 +156,6 @@ class Runs:
 def train_sweep(config: ReproduceConfig) -> Runs:
     """Train the missing cells of the sweep (finished ones are reused, unfinished resumed)."""
     resolve_model(config.model)  # a bad model fails here, before any progress output
+    assert config.run_dir is not None  # set by ReproduceConfig.__post_init__
     result = run_sweep(config.train_config(), config.run_dir, config.ranks, config.seeds, config.target_sets)
     return Runs(config, result.cells)

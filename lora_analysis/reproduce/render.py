@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from ..analysis.nulls import phi_column_null
 from ..errors import LoraAnalysisError
 from ..fileio import atomic_write_text, read_json
-from ..plots import COLUMN_WIDTH, TEXT_WIDTH, PhiPanel, phi_figure, save_figure
-from ..report import tables as report_tables
+from ..plots import COLUMN_WIDTH, TEXT_WIDTH, PhiPanel, PhiScale, phi_figure, save_figure
+from ..report.tables import markdown_table
 from .claims import PAPER_AMPLIFICATION, SHARED_TOP, section7_claims, shared_top
 from .section7 import TABLE7_RANKS, Section7, short
 
@@ -30,11 +30,11 @@ PAPER_TABLE7 = {
     64: {"delta": 1.90, "weight": 37.71, "random": 0.33, "delta_norm": 3.57},
 }
 PAPER_WEIGHT_NORM = 61.95
-FIGURE_FORMATS = ("png", "pdf")
+WRITTEN_FORMATS = ("png", "pdf")  # of plots.FIGURE_FORMATS: PNG for the README, PDF for papers
 FIGURES = ("fig3", "fig4", "fig6", "fig7", "fig8")
 TABLES = ("table7", "table7_layers", "rank_table", "claims")
 OUTPUT_FILES = (
-    *(f"{name}.{fmt}" for name in FIGURES for fmt in FIGURE_FORMATS),
+    *(f"{name}.{fmt}" for name in FIGURES for fmt in WRITTEN_FORMATS),
     *(f"{name}.{ext}" for name in TABLES for ext in ("md", "csv")),
     "results.json", "README.md",
 )
@@ -126,7 +126,7 @@ def _previous_reproduction(out: Path) -> dict | None:
 
 
 def _save(fig, out: Path, name: str) -> None:
-    for fmt in FIGURE_FORMATS:
+    for fmt in WRITTEN_FORMATS:
         save_figure(fig, out / f"{name}.{fmt}")
 
 
@@ -189,9 +189,10 @@ def fig4(s7: Section7, out: Path) -> dict:
     return summary
 
 
-def _per_layer(s7: Section7, compare, scale: str) -> tuple[list[PhiPanel], dict]:
+def _per_layer(s7: Section7, compare, scale: PhiScale) -> tuple[list[PhiPanel], dict]:
     """One panel per (target, layer), targets as rows and layers as columns, and their summaries."""
-    panels, summary = [], {}
+    panels: list[PhiPanel] = []
+    summary: dict[str, dict[str, dict]] = {}
     for t in s7.targets:
         for layer in s7.runs.layers:
             comparison = compare(t, layer)
@@ -280,7 +281,7 @@ def table7(s7: Section7, out: Path) -> dict:
         + markdown_table(header, rows) + "\n" + markdown_table(norms_rows[0], norms_rows[1:])
     )
     atomic_write_text(out / "table7.md", markdown)
-    csv_rows = [["r", "directions", "projection_norm", "weight_norm", "delta_norm", "amplification"]]
+    csv_rows: list[list[object]] = [["r", "directions", "projection_norm", "weight_norm", "delta_norm", "amplification"]]
     for r in TABLE7_RANKS:
         n = norms[r]
         csv_rows += [[r, "delta_w", n.delta, n.weight_norm, n.delta_norm, n.amplification],
@@ -337,14 +338,10 @@ def rank_table(s7: Section7, out: Path) -> list[dict]:
         f"{s7.runs.config.data} on {s7.runs.config.model}.\n\n" + markdown_table(header, body)
     )
     atomic_write_text(out / "rank_table.md", markdown)
-    csv_rows = [["targets", "r", *(f"seed{s}" for s in seeds), "mean", "spread"]]
+    csv_rows: list[list[object]] = [["targets", "r", *(f"seed{s}" for s in seeds), "mean", "spread"]]
     csv_rows += [["+".join(row["targets"]), row["r"], *row["accuracy"], row["mean"], row["spread"]] for row in rows]
     atomic_write_text(out / "rank_table.csv", to_csv(csv_rows))
     return rows
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    return "\n".join(report_tables.markdown_table(header, rows)) + "\n"
 
 
 def to_csv(rows: list[list]) -> str:
@@ -444,6 +441,7 @@ def _num(x: float | None) -> str:
 
 # README --------------------------------------------------------------------------------------
 def readme(s7: Section7, results: dict, command: str, out: Path) -> str:
+    """The figures folder's README.md; embeds the tables already written into `out`."""
     config = s7.runs.config
     train = config.train_config()
     q, layer = short(s7.targets[0]), results["layer"]
@@ -496,10 +494,10 @@ def readme(s7: Section7, results: dict, command: str, out: Path) -> str:
         "",
         f"## Table 7: ‖UᵀW_{q}V‖_F",
         "",
-        (out / "table7.md").read_text(),
+        (out / "table7.md").read_text(encoding="utf-8"),
         "## Table 6: accuracy by rank",
         "",
-        (out / "rank_table.md").read_text(),
+        (out / "rank_table.md").read_text(encoding="utf-8"),
         "## Every layer (Figures 6 and 7)",
         "",
         "![fig6](fig6.png)",
@@ -548,7 +546,7 @@ def _jsonable(x):
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     if isinstance(x, (np.floating, float)):
-        return None if not math.isfinite(float(x)) else significant(x)
+        return None if not math.isfinite(float(x)) else significant(float(x))
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (np.bool_,)):

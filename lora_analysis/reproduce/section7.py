@@ -41,13 +41,15 @@ from .experiment import Runs
 FIG8_RANKS = (4, 8, 64)
 TABLE7_RANKS = (4, 64)
 RANDOM_SEED = 0  # the random panels of Figures 4 and 8 (one picture of what chance looks like)
-NULL_SEEDS = {"U": 1, "V": 2}  # the two independent sets of Haar frames behind every null
+NULL_STREAMS = ("U", "V")  # the two independent sets of Haar frames behind every null (seeding contexts)
 NULL_BAND_LEVEL = 0.99  # φ heatmaps outline where φ leaves a band that a random grid crosses in 1 % of draws
 
 
 def short(target: str) -> str:
     """"query" → "q", as in ΔW_q."""
     return {"query": "q", "key": "k", "value": "v", "dense": "o"}.get(target, target)
+
+
 @dataclass
 class Section7:
     """Lazily computed results of Section 7 for a trained sweep."""
@@ -134,13 +136,16 @@ class Section7:
     # Null distributions -------------------------------------------------------------------------
     @property
     def null_draws(self) -> int:
-        return self.runs.config.null_draws
+        draws = self.runs.config.null_draws
+        assert draws is not None  # ReproduceConfig sets it
+        return draws
 
     def null_frames(self, d: int, which: str) -> torch.Tensor:
-        """`null_draws` Haar-random frames (d, 64) of set `which` ("U" or "V": independent)."""
+        """`null_draws` Haar-random frames (d, 64) of set `which` (one of `NULL_STREAMS`: independent)."""
         key = (d, which)
         if key not in self._frames:
-            self._frames[key] = haar_frames(d, max(TABLE7_RANKS + FIG8_RANKS), self.null_draws, NULL_SEEDS[which])
+            generator = seeded_generator(RANDOM_SEED, "null frames", which, d)
+            self._frames[key] = haar_frames(d, max(TABLE7_RANKS + FIG8_RANKS), self.null_draws, generator)
         return self._frames[key]
 
     def projection_null(self, target: str, layer: int, r: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from .data import TASKS
 
 # Fields that do not change the trained adapter: they may differ when a run is resumed.
 RUNTIME_FIELDS = frozenset(
-    {"output_dir", "resume", "progress", "device", "eval_every", "eval_batch_size", "checkpoint_every"}
+    {"output_dir", "resume", "overwrite", "progress", "device", "eval_every", "eval_batch_size", "checkpoint_every"}
 )
 
 
@@ -36,7 +36,9 @@ class TrainConfig:
     Runtime: eval_every (validate at step 0 and every N steps; 0 = only at the end),
         checkpoint_every (steps; 0 = never), device
         ("auto" = CUDA when present), output_dir (None: train in memory, write nothing),
-        resume (continue from output_dir's checkpoint), progress (tqdm bar on stderr).
+        resume (continue output_dir's checkpoint, or return its finished run), overwrite
+        (replace what output_dir holds; without either, a directory holding a checkpoint or a
+        trained adapter is refused: see `output_dir`), progress (tqdm bar on stderr).
     """
 
     model: str = "minilm"
@@ -66,6 +68,7 @@ class TrainConfig:
     device: str = "auto"
     output_dir: str | None = None
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -95,8 +98,11 @@ class TrainConfig:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
             problems.append("targets is empty")
-        if self.resume and self.output_dir is None:
-            problems.append("resume needs an output_dir")
+        for name in ("resume", "overwrite"):
+            if getattr(self, name) and self.output_dir is None:
+                problems.append(f"{name} needs an output_dir")
+        if self.resume and self.overwrite:
+            problems.append("resume and overwrite exclude each other (continue the run, or replace it)")
         if problems:
             raise LoraAnalysisError("invalid training config: " + "; ".join(problems))
 

@@ -6,28 +6,36 @@
 Files: CSV, TSV and JSONL with configurable text and label columns (optionally .gz/.bz2/.xz
 compressed); plain text (one example per non-blank line) for causal language modelling.
 Every problem in a file is a `LoraAnalysisError` naming the file and line.
+
+Labels are compared as the text the file spells them with (JSONL numbers and booleans as
+Python prints them: 1, 1.0, True). Two spellings of one number (`1` and `1.0`, `01`, `1e0`)
+are refused rather than guessed at: as text they would be two classes, as numbers one.
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
+import decimal
 import gzip
 import io
-import json
 import lzma
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Sequence, cast
 
 import numpy as np
-import torch
 
 from ..assets import asset_path
-from ..errors import LoraAnalysisError
+from ..errors import InputFileError, LoraAnalysisError, shown
+from ..fileio import parse_json
+
+if TYPE_CHECKING:
+    import torch
 
 TASKS = ("classification", "causal-lm")
-COMPRESSION = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+COMPRESSION: dict[str, Callable[..., IO[Any]]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "text"}
 
 
@@ -119,9 +127,10 @@ def load_dataset(
         return TextDataset(texts, None, None, str(source))
     if fmt == "text":
         raise LoraAnalysisError(f"{path}: a plain text file has no labels; use CSV, TSV or JSONL for classification")
-    rows = list(_read_rows(path, fmt, text_column, label_column, skip_labels))
+    rows = cast("list[tuple[int, str, str]]", list(_read_rows(path, fmt, text_column, label_column, skip_labels)))  # labelled
     if not rows:
         raise LoraAnalysisError(f"{path}: no labelled examples")
+    _refuse_respelled_numbers(path, rows, labels or [])
     classes = list(labels) if labels else _sorted_labels({label for _, _, label in rows})
     if len(classes) < 2:
         raise LoraAnalysisError(f"{path}: classification needs at least 2 labels, found {classes}")
@@ -172,8 +181,8 @@ def _read_rows(
                 yield line, text, label
     except UnicodeDecodeError as err:
         raise LoraAnalysisError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except (OSError, EOFError) as err:
-        raise LoraAnalysisError(f"{path}: cannot read ({err})") from None
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as err:  # corrupt .gz/.bz2/.xz raise any of these
+        raise LoraAnalysisError(f"{path}: cannot read: corrupt or truncated file ({shown(err, 100)})") from None
 
 
 def _read_delimited(f, path, fmt, text_column, label_column):
@@ -204,9 +213,9 @@ def _read_jsonl(f, path, fmt, text_column, label_column):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise LoraAnalysisError(f"{path}:{line_number}: invalid JSON ({err.msg})") from None
+            record = parse_json(line, f"{path}:{line_number}", "JSONL record")
+        except InputFileError as err:
+            raise LoraAnalysisError(str(err)) from None
         if not isinstance(record, dict):
             raise LoraAnalysisError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
         missing = [c for c in (text_column, label_column) if c and c not in record]
@@ -215,6 +224,8 @@ def _read_jsonl(f, path, fmt, text_column, label_column):
         label = None if label_column is None else record[label_column]
         if not isinstance(record[text_column], str) or isinstance(label, (dict, list)):
             raise LoraAnalysisError(f"{path}:{line_number}: text must be a string and the label a scalar")
+        if label_column is not None and label is None:
+            raise LoraAnalysisError(f"{path}:{line_number}: label {label_column!r} is null")
         yield line_number, record[text_column], None if label is None else str(label)
 
 
@@ -233,6 +244,25 @@ def _read_trec(f, path, fmt, text_column, label_column):
         if not colon or not text:
             raise LoraAnalysisError(f"{path}:{line_number}: expected 'COARSE:fine question', got {line[:40]!r}")
         yield line_number, text, coarse
+
+
+def _refuse_respelled_numbers(path: Path, rows: list[tuple[int, str, str]], given: list[str]) -> None:
+    """Refuse two spellings of one number among the labels (given ones and the file's)."""
+    first_seen: dict[decimal.Decimal, tuple[str, str]] = {}  # number -> (spelling, where)
+    where = [(label, "--labels") for label in given] + [(label, f"line {line}") for line, _, label in rows]
+    for label, place in where:
+        try:
+            number = decimal.Decimal(label)
+        except decimal.InvalidOperation:
+            continue
+        if number.is_nan():
+            continue
+        spelling, seen_at = first_seen.setdefault(number, (label, place))
+        if spelling != label:
+            raise LoraAnalysisError(
+                f"{path}: labels {shown(spelling, 30)!r} ({seen_at}) and {shown(label, 30)!r} ({place}) are the same "
+                "number spelled differently; write each label one way (they would be two classes)"
+            )
 
 
 def _sorted_labels(values: set[str]) -> list[str]:
@@ -294,15 +324,15 @@ class ShuffledStream:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(self.num_examples)
             self._epoch = epoch
-            self._order = order if self.lengths is None else self._group_by_length(order, rng)
+            self._order = order if self.lengths is None else self._group_by_length(order, rng, self.lengths)
         return self._order
 
-    def _group_by_length(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _group_by_length(self, order: np.ndarray, rng: np.random.Generator, lengths: np.ndarray) -> np.ndarray:
         chunk = self.GROUP_BATCHES * self.global_batch
         grouped = []
         for start in range(0, len(order), chunk):
             part = order[start : start + chunk]
-            part = part[np.argsort(-self.lengths[part], kind="stable")]
+            part = part[np.argsort(-lengths[part], kind="stable")]
             batches = [part[i : i + self.global_batch] for i in range(0, len(part), self.global_batch)]
             grouped += [batches[i] for i in rng.permutation(len(batches))]
         return np.concatenate(grouped)
@@ -322,6 +352,8 @@ def collate(
 ) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask (B, T_max); labels (B,) for classification,
     else LM labels (B, T_max) with -100 on padding (ignored by the loss)."""
+    import torch  # here, not at the top: the command line reads this module's tables without torch
+
     width = max(len(ids) for ids in token_ids)
     input_ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(token_ids), width), dtype=torch.long)

@@ -8,14 +8,18 @@ batch, and only rank 0 writes files.
 from __future__ import annotations
 
 import atexit
+import gc
+import importlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from ..errors import LoraAnalysisError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,24 +47,32 @@ def init_distributed(device: str = "auto") -> DistContext:
         use_cuda = device != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(local_rank)
+        # torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it
+        # is imported. DDP imports it (through torch._dynamo) lazily; imported after the group
+        # exists, it would pin the group for the life of the process, and the group could not
+        # be destroyed at exit (see _leave_process_group). Imported first, its defaults are None.
+        # (import_module: an `import torch.…` statement here would make `torch` a local name of
+        # this function, unbound on the lines above.)
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        atexit.register(dist.destroy_process_group)
+        atexit.register(_leave_process_group)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
-def resolve_device(device: str, ctx: DistContext) -> torch.device:
-    """"auto" → this process's CUDA device when present, else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise LoraAnalysisError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise LoraAnalysisError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
-    if resolved.type == "cuda" and resolved.index is None:
-        resolved = torch.device("cuda", ctx.local_rank)
-    return resolved
+def _leave_process_group() -> None:
+    """Destroy the process group while the interpreter is fully alive, joining gloo's threads.
+
+    Left alive to the end, a gloo worker thread can still be releasing the last collective's
+    work when the interpreter finalizes: that work holds tensors with Python objects, releasing
+    them needs the GIL, and a thread asking for the GIL during finalization is ended by
+    pthread_exit, whose unwinding through C++ destructors calls std::terminate ("terminate
+    called without an active exception", SIGABRT; seen in a core dump of a rank under CPU
+    contention). Destroying the group waits for that work and joins the threads (torch
+    releases the GIL while destroying a gloo group). The garbage collection first frees DDP
+    wrappers, whose reference cycles hold the group."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float], ctx: DistContext, device: torch.device) -> list[float]:
@@ -81,13 +93,24 @@ def gather_to_main(obj: Any, ctx: DistContext) -> list[Any] | None:
     return gathered
 
 
-def scatter_from_main(objs: list[Any] | None, ctx: DistContext) -> Any:
-    """Rank k receives objs[k] from rank 0; objs[0] when alone."""
+def decided_on_main(decide: Callable[[], T], ctx: DistContext) -> T:
+    """`decide()` run on rank 0 alone (the process that owns the output files), its result
+    given to every rank. When it raises, rank 0 re-raises and every other rank raises a
+    `LoraAnalysisError` with the same message, so no rank waits forever for one that gave up."""
     if not ctx.enabled:
-        return objs[0]
-    received = [None]
-    dist.scatter_object_list(received, objs if ctx.is_main else None, src=0)
-    return received[0]
+        return decide()
+    outcome: list[Any] = [None]
+    if ctx.is_main:
+        try:
+            outcome = [("ok", decide())]
+        except Exception as err:
+            dist.broadcast_object_list([("error", str(err))], src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise LoraAnalysisError(value)
+    return value
 
 
 def barrier(ctx: DistContext) -> None:

@@ -6,7 +6,8 @@
 Writes to `output_dir` (rank 0 only): the adapter in PEFT layout (adapter_model.safetensors,
 adapter_config.json; the classifier head as modules_to_save), `metrics.json`, and while
 running `checkpoint.pt` (removed when the run completes). On the CPU the same config gives a
-bit-identical adapter file, with or without interruptions and `resume`.
+bit-identical adapter file, with or without interruptions and `resume`. What may already be in
+`output_dir`, and the lock held on it while training: see `output_dir`.
 """
 
 from __future__ import annotations
@@ -31,25 +32,16 @@ from tqdm import tqdm
 
 from ..adapters import Adapter, load_adapter, save_adapter
 from ..config import LoraConfig
-from ..errors import LoraAnalysisError
-from ..fileio import atomic_write_text, read_json
+from ..devices import resolve_device
+from ..errors import InputFileError, LoraAnalysisError
+from ..fileio import atomic_write_text
 from ..lora import extract_adapter, inject_lora, is_adaptable, lora_layers
-from .checkpoint import (
-    CHECKPOINT_NAME,
-    check_recipe,
-    load_checkpoint,
-    remove_stale_temp_files,
-    restore_trainable,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from .checkpoint import CHECKPOINT_NAME, check_recipe, check_resumable, load_checkpoint, restore, rng_state, save_checkpoint
 from .config import TrainConfig
 from .data import ShuffledStream, TextDataset, collate, encode, load_dataset, split_dataset
-from .distributed import DistContext, all_reduce_sum, barrier, gather_to_main, init_distributed, resolve_device
+from .distributed import DistContext, all_reduce_sum, barrier, gather_to_main, init_distributed
 from .models import PEFT_TASK_TYPES, head_module_names, load_model
-
-METRICS_NAME = "metrics.json"
+from .output_dir import FINISHED, METRICS_NAME, RESUME, claim_output_dir, read_metrics
 
 
 @dataclass
@@ -68,33 +60,36 @@ class TrainResult:
 def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     """Train one LoRA adapter; `overrides` replace fields of `config` (or of the defaults)."""
     config = replace(config, **overrides) if config is not None else TrainConfig(**overrides)
-    output_dir = Path(config.output_dir) if config.output_dir is not None else None
-    if config.resume and output_dir is not None:
-        finished = load_finished(output_dir, config)
-        if finished is not None:
-            return finished
+    return run_training(config)
+
+
+def run_training(config: TrainConfig, bar: tqdm | None = None) -> TrainResult:
+    """`train(config)`, counting its steps on `bar` (a sweep's overall bar) when given instead
+    of drawing a bar of its own."""
     ctx = init_distributed(config.device)
-    device = resolve_device(config.device, ctx)
-    return _Run(config, ctx, device).run()
+    device = resolve_device(config.device, ctx.local_rank)
+    if config.output_dir is None:
+        return _Run(config, ctx, device, bar).run()
+    output_dir = Path(config.output_dir)
+    with claim_output_dir(config, output_dir, ctx) as verdict:
+        if verdict == FINISHED:
+            return load_finished(output_dir, config)
+        return _Run(config, ctx, device, bar).run(resume=verdict == RESUME)
 
 
-def load_finished(output_dir: Path, config: TrainConfig) -> TrainResult | None:
-    """The completed run in `output_dir` when it was trained with `config`'s recipe, else None."""
+def load_finished(output_dir: Path, config: TrainConfig) -> TrainResult:
+    """The completed run in `output_dir`, which must have been trained with `config`'s recipe."""
     metrics_path = output_dir / METRICS_NAME
-    if not metrics_path.is_file() or (output_dir / CHECKPOINT_NAME).exists():
-        return None
-    metrics = read_json(metrics_path, "training metrics")
-    if not metrics.get("completed"):
-        return None
-    check_recipe(metrics_path, TrainConfig.from_dict(metrics["config"]).recipe(), config.recipe())
+    metrics = read_metrics(metrics_path)
+    check_recipe(metrics_path, TrainConfig.from_dict(metrics["config"]).recipe(), config.recipe(), InputFileError)
     return TrainResult(load_adapter(output_dir), metrics, output_dir, "finished")
 
 
 class _Run:
     """One training run: set-up, the step loop, evaluation, checkpoints and outputs."""
 
-    def __init__(self, config: TrainConfig, ctx: DistContext, device: torch.device):
-        self.config, self.ctx, self.device = config, ctx, device
+    def __init__(self, config: TrainConfig, ctx: DistContext, device: torch.device, bar: tqdm | None = None):
+        self.config, self.ctx, self.device, self.shared_bar = config, ctx, device, bar
         self.output_dir = Path(config.output_dir) if config.output_dir is not None else None
         self.classify = config.task == "classification"
         self.autocast = device.type == "cuda"  # bf16 autocast on CUDA; exact fp32 on the CPU
@@ -135,19 +130,14 @@ class _Run:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def run(self) -> TrainResult:
-        if self.ctx.is_main and self.output_dir is not None and self.output_dir.is_dir():
-            remove_stale_temp_files(self.output_dir)  # SIGKILL can interrupt an atomic write
-        if self.config.resume:
+    def run(self, resume: bool = False) -> TrainResult:
+        """Train to `config.steps` (from the output directory's checkpoint when `resume`)."""
+        if resume:
             self._resume()
         if self.step == 0 and self.config.eval_every:
             self._evaluate()
         started, first_step = time.perf_counter(), self.step
-        bar = tqdm(
-            total=self.config.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
-            disable=not (self.config.progress and self.ctx.is_main), dynamic_ncols=True,
-        )
-        with bar, _deferred_sigint() as interrupted:
+        with self._progress_bar() as bar, _deferred_sigint() as interrupted:
             while self.step < self.config.steps:
                 loss, stop = self._train_step(interrupted.is_set())
                 self.progress["train_loss"].append(loss)
@@ -155,8 +145,8 @@ class _Run:
                     self._on_interrupt(started)
                 elapsed = time.perf_counter() - started
                 examples_per_s = (self.step - first_step) * self.global_batch / max(elapsed, 1e-9)
-                bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{examples_per_s:.1f}", refresh=False)
+                advance(bar)
                 if self.step < self.config.steps:
                     if self.config.eval_every and self.step % self.config.eval_every == 0:
                         self._evaluate()
@@ -165,6 +155,21 @@ class _Run:
         self.progress["wall_time_s"] += time.perf_counter() - started
         self._evaluate()
         return self._finish()
+
+    @contextlib.contextmanager
+    def _progress_bar(self) -> Iterator[tqdm]:
+        """This run's own bar, or the shared one it counts its steps on (without the steps a
+        resumed run did before: they are not this invocation's work)."""
+        if self.shared_bar is not None:
+            if self.shared_bar.total is not None:
+                self.shared_bar.total -= self.step
+            yield self.shared_bar
+            return
+        with tqdm(
+            total=self.config.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+            disable=not (self.config.progress and self.ctx.is_main), dynamic_ncols=True,
+        ) as bar:
+            yield bar
 
     @property
     def global_batch(self) -> int:
@@ -234,13 +239,14 @@ class _Run:
 
     @property
     def checkpoint_path(self) -> Path:
+        assert self.output_dir is not None, "only runs with an output_dir checkpoint"
         return self.output_dir / CHECKPOINT_NAME
 
     def _save_checkpoint(self, started: float) -> None:
         if self.output_dir is None:
             return
         rng_states = gather_to_main(rng_state(self.device), self.ctx)
-        if self.ctx.is_main:
+        if rng_states is not None:  # rank 0: gather_to_main gives the other ranks None
             progress = dict(self.progress, wall_time_s=self.progress["wall_time_s"] + time.perf_counter() - started)
             save_checkpoint(
                 self.checkpoint_path, step=self.step, model=self.model, optimizer=self.optimizer,
@@ -249,20 +255,15 @@ class _Run:
         barrier(self.ctx)
 
     def _resume(self) -> None:
+        """Continue from the verified checkpoint (see `checkpoint`): same recipe, same process
+        count, every tensor and state exactly as saved."""
         path = self.checkpoint_path
-        if not path.is_file():
-            if self.ctx.is_main and self.config.progress:
-                print(f"lora-analysis: no checkpoint in {self.output_dir}; starting from step 0", file=sys.stderr)
-            return
         state = load_checkpoint(path)
         check_recipe(path, state["recipe"], self.config.recipe())
-        if len(state["rng"]) != self.ctx.world_size:
-            raise LoraAnalysisError(f"{path}: saved by {len(state['rng'])} process(es); resume with the same number, not {self.ctx.world_size}")
-        restore_trainable(path, self.model, state["trainable"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"][self.ctx.rank], self.device)
-        self.step, self.progress, self.status = state["step"], state["progress"], "resumed"
+        step = check_resumable(path, state, steps=self.config.steps, world_size=self.ctx.world_size, device=self.device)
+        restore(path, state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                rank=self.ctx.rank, device=self.device)
+        self.step, self.progress, self.status = step, state["progress"], "resumed"
 
     def _on_interrupt(self, started: float) -> None:
         """SIGINT arrived during the step just finished: checkpoint the consistent state, stop."""
@@ -277,6 +278,8 @@ class _Run:
         adapter = extract_adapter(self.model, self.lora_config)
         metrics = self._metrics(adapter)
         if self.ctx.is_main and self.output_dir is not None:
+            # metrics.json marks a finished run: gone while the adapter is replaced, written last.
+            (self.output_dir / METRICS_NAME).unlink(missing_ok=True)
             save_adapter(adapter, self.output_dir)
             atomic_write_text(self.output_dir / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
             self.checkpoint_path.unlink(missing_ok=True)
@@ -326,6 +329,15 @@ def _inject(model: nn.Module, config: LoraConfig, seed: int) -> None:
         raise LoraAnalysisError("no LoRA layer was injected")
 
 
+def advance(bar: tqdm) -> None:
+    """Count one step on `bar`. Its last step is drawn only by `close()` (which always redraws),
+    so a log shows the final line once, not twice."""
+    if bar.total is not None and bar.n + 1 >= bar.total:
+        bar.n += 1
+    else:
+        bar.update(1)
+
+
 def warmup_then_linear_decay(warmup_steps: int, total_steps: int):
     """LR multiplier: 0 → 1 linearly over `warmup_steps`, then 1 → 0 linearly at `total_steps`."""
 
@@ -362,7 +374,7 @@ def library_versions() -> dict[str, str]:
     import numpy
     import transformers
 
-    from .. import __version__
+    from ..version import __version__
 
     return {
         "lora_analysis": __version__,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -35,7 +35,7 @@ def resolve_model(name_or_path: str | Path) -> tuple[Path, str]:
 
 def load_model(
     name_or_path: str | Path, task: str, label_names: list[str] | None = None
-) -> tuple[nn.Module, object, str]:
+) -> tuple[nn.Module, Any, str]:
     """(model, tokenizer, recorded name) for `task` "classification" or "causal-lm".
 
     Classification models get `len(label_names)` outputs and id2label/label2id. The tokenizer
@@ -48,6 +48,8 @@ def load_model(
     )
     kwargs = {}
     if task == "classification":
+        if label_names is None:
+            raise LoraAnalysisError("a classification model needs the label names")
         kwargs = {
             "num_labels": len(label_names),
             "id2label": dict(enumerate(label_names)),

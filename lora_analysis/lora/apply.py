@@ -8,11 +8,12 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from ..adapters import Adapter, LoraModule
+from ..base_weights import linear_shape
 from ..errors import LoraAnalysisError, ModuleResolutionError
-from ..lora.inject import extra_parameters, mark_trainable, replace_module, unwrapped_parameter_name
-from ..lora.layer import LoraLinear, is_adaptable, linear_shape
 from ..naming import resolve_module_name
-from .adapter import Adapter
+from .inject import extra_parameters, mark_trainable, replace_module, set_lora_config, unwrapped_parameter_name
+from .layer import LoraLinear, is_adaptable
 
 
 def apply_adapter(model: nn.Module, adapter: Adapter, strict: bool = True) -> nn.Module:
@@ -39,8 +40,9 @@ def apply_adapter(model: nn.Module, adapter: Adapter, strict: bool = True) -> nn
         warnings.warn(message, stacklevel=2)
     if len(set(targets.values())) < len(targets):
         raise LoraAnalysisError(f"several adapter modules name the same model module: {sorted(targets)}")
+    modules = {name: _lora_module(adapter, name) for name in targets}
     for name, target in targets.items():
-        _check_target(model.get_submodule(target), name, target, adapter[name].d_out, adapter[name].d_in)
+        _check_target(model.get_submodule(target), name, target, modules[name].d_out, modules[name].d_in)
     for name, target in params.items():
         if parameters[target].shape != adapter.extra_tensors[name].shape:
             raise LoraAnalysisError(
@@ -53,7 +55,7 @@ def apply_adapter(model: nn.Module, adapter: Adapter, strict: bool = True) -> nn
 
     with torch.no_grad():
         for name, target in targets.items():
-            module = adapter[name]
+            module = modules[name]
             layer = LoraLinear(
                 model.get_submodule(target), r=module.r, alpha=module.effective_alpha,
                 dropout=adapter.config.lora_dropout, use_rslora=module.use_rslora,
@@ -63,9 +65,18 @@ def apply_adapter(model: nn.Module, adapter: Adapter, strict: bool = True) -> nn
             replace_module(model, target, layer)
         for name, target in params.items():
             parameters[target].copy_(adapter.extra_tensors[name])
-    model.lora_config = config
+    set_lora_config(model, config)
     mark_trainable(model, config)
     return model
+
+
+def _lora_module(adapter: Adapter, name: str) -> LoraModule:
+    """The adapter's module `name`, which must be LoRA on a Linear/Conv1D (the layers we build)."""
+    module = adapter[name]
+    if type(module) is not LoraModule or module.parts != 1 or module.kernel is not None or module.bias is not None:
+        raise LoraAnalysisError(f"apply_adapter puts LoRA (s·B·A on Linear/Conv1D layers) into a model; module {name!r} "
+                                f"is a {module.kind} update of another form")
+    return module
 
 
 def _resolve(names: list[str], candidates: list[str], what: str, strict: bool, skipped: list[str]) -> dict[str, str]:
