@@ -101,3 +101,27 @@ def test_number_comparison():
     assert _same("a 0.1133 b 5.2%", "a 0.1134 b 5.3%") and not _same("a 0.1133", "a 0.1136")
     assert _same("73,728", "73,728") and not _same("73,728", "73,729")
     assert _same("1.5e-4", "1.6e-4") and not _same("1.5e-4", "1.8e-4") and not _same("q", "v")
+
+
+def test_readme_section7_prose_quotes_the_committed_results():
+    """The numbers the README's Section 7 prose quotes are figures/results.json's, as rounded
+    there. Regenerating figures/ changes results.json: rewrite the prose and this list with it."""
+    import json
+
+    results = json.loads((REPO / "figures" / "results.json").read_text(encoding="utf-8"))
+    section = README.read_text(encoding="utf-8").split("## What the reproduction shows")[1].split("\n## ")[0]
+    prose = " ".join(section.split())  # line breaks do not matter
+    fig3, fig4, table7 = results["fig3"], results["fig4"], results["table7"]
+    assert fig4["query"]["top_k"] == fig4["value"]["top_k"] == 64  # the prose says "over i ≤ 64"
+    quoted = [
+        f"φ(1, 1) = {fig3['query']['phi_11']:.2f} for ΔW_q, {fig3['value']['phi_11']:.2f} for ΔW_v",
+        f"φ(1, 1) = {fig4['query']['phi_11']:.2f} for ΔW_q, {fig4['value']['phi_11']:.2f} for ΔW_v",
+        f"{fig4['query']['top_k_mean']:.3f} (ΔW_q) and {fig4['value']['top_k_mean']:.3f} (ΔW_v)",
+        f"chance level of {(64 + 1) / 2 / 384:.3f}",
+        f"√E = {table7['4']['random_expected']:.3f} at r = 4 and {table7['64']['random_expected']:.2f} at r = 64",
+        f"directions ({table7['4']['delta']:.3f}) are at the level of random ones",
+        f"capture {100 * table7['4']['delta'] / table7['4']['weight']:.0f} %",
+        f"is {table7['4']['amplification']:.1f} at r = 4 and {table7['64']['amplification']:.2f} at r = 64",
+    ]
+    for phrase in quoted:
+        assert phrase in prose, f"README Section 7 does not say {phrase!r} (figures/results.json does)"
