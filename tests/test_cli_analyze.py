@@ -4,6 +4,7 @@ Conv1D) and a hand-written kohya file; formats, schema, bad inputs, exit codes, 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -139,6 +140,7 @@ def test_analyze_json_matches_float64_oracle(ours):
 
 def test_analyze_writes_output_atomically_and_quiet_keeps_stdout_empty(ours, tmp_path):
     out = tmp_path / "reports" / "ours.md"
+    out.parent.mkdir()  # an -o folder is never created (see test_unwritable_output_is_a_usage_error)
     assert main(["analyze", str(ours), "--format", "markdown", "-o", str(out), "--quiet"]) == 0
     text = out.read_text(encoding="utf-8")
     assert text.startswith("# LoRA adapter analysis") and "| bert.encoder.layer.1.attention.self.value |" in text
@@ -391,17 +393,19 @@ def test_unwritable_output_is_a_usage_error(ours, tmp_path, capsys):
 def test_analyze_finds_the_recorded_base_and_no_base_skips_it(ours, bert_base, tmp_path, monkeypatch):
     """An adapter recording a local base directory (relative to the working directory) gets the
     Table 7 section without --base; --no-base turns it off; a hub id is ignored."""
-    config_path = ours / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = bert_base.name
-    config_path.write_text(json.dumps(config))
+    def recording(base_name: str) -> Path:
+        """`ours`, saved again with `base_model_name_or_path` = base_name (config and header agree)."""
+        adapter = load_adapter(ours)
+        config = dataclasses.replace(adapter.config, base_model_name_or_path=base_name)
+        return save_adapter(dataclasses.replace(adapter, config=config), tmp_path / f"records-{base_name.replace('/', '-')}")
+
+    local = recording(bert_base.name)
     monkeypatch.chdir(bert_base.parent)
-    assert main(["analyze", str(ours), "--format", "json", "-o", str(tmp_path / "auto.json")]) == 0
+    assert main(["analyze", str(local), "--format", "json", "-o", str(tmp_path / "auto.json")]) == 0
     report = json.loads((tmp_path / "auto.json").read_text())
     assert report["base"] == {"path": bert_base.name} and all(m["base"] for m in report["modules"].values())
-    assert main(["analyze", str(ours), "--format", "json", "--no-base", "-o", str(tmp_path / "none.json"), "--quiet"]) == 0
+    assert main(["analyze", str(local), "--format", "json", "--no-base", "-o", str(tmp_path / "none.json"), "--quiet"]) == 0
     assert json.loads((tmp_path / "none.json").read_text())["base"] is None
-    config["base_model_name_or_path"] = "org/not-here"
-    config_path.write_text(json.dumps(config))
-    assert main(["analyze", str(ours), "--format", "json", "-o", str(tmp_path / "hub.json"), "--quiet"]) == 0
+    hub = recording("org/not-here")
+    assert main(["analyze", str(hub), "--format", "json", "-o", str(tmp_path / "hub.json"), "--quiet"]) == 0
     assert json.loads((tmp_path / "hub.json").read_text())["base"] is None
