@@ -57,6 +57,10 @@ _EXPORTS = {
     "analyze_report": ".report",
     "compare_report": ".report",
     "render_report": ".report",
+    "ScanResult": ".scan",
+    "Shard": ".scan",
+    "find_adapters": ".scan",
+    "scan_adapters": ".scan",
     "SweepResult": ".training",
     "TrainConfig": ".training",
     "TrainResult": ".training",
@@ -106,6 +110,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         unmerge_lora,
     )
     from .report import analyze_report, compare_report, render_report
+    from .scan import ScanResult, Shard, find_adapters, scan_adapters
     from .training import SweepResult, TrainConfig, TrainResult, run_sweep, train
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,6 +170,72 @@ def test_unrepresentable_spectrum_through_the_file(tmp_path):
         adapter_spectra(load_adapter(tmp_path / "huge.safetensors"), progress=False, device="cpu")
 
 
+# ---------------------------------------------------------------------------- safetensors reads
+
+READ_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+               torch.int8, torch.uint8, torch.bool]
+
+
+@settings(max_examples=40, deadline=None)
+@given(dtype=st.sampled_from(READ_DTYPES), shape=st.lists(st.integers(0, 5), max_size=3), seed=st.integers(0, 2**16))
+def test_safetensors_tensors_read_as_safetensors_writes_them(tmp_path_factory, dtype, shape, seed):
+    """Every dtype, scalars and empty tensors: our reads equal safetensors' own, bit for bit."""
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"t": (torch.randn(shape, generator=g) * 100).to(dtype), "scalar": torch.tensor(3, dtype=dtype)}
+    path = tmp_path_factory.mktemp("st") / "t.safetensors"
+    save_file(tensors, str(path))
+    ours = containers.open_tensor_file(path)
+    with safe_open(str(path), framework="pt") as theirs:
+        for key in tensors:
+            got, want = ours.get(key), theirs.get_tensor(key)
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got.view(-1), want.view(-1)), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int16])
+def test_big_endian_hosts_reverse_each_elements_bytes(dtype):
+    values = torch.tensor([1.5, -2.25, 3e3, 0.0]).to(dtype)
+    little = values.view(torch.uint8)  # this test runs on a little-endian host
+    swapped = little.view(-1, values.element_size()).flip(1).contiguous().view(-1)  # as a big-endian host holds them
+    assert torch.equal(containers.from_little_endian(little.clone(), dtype), values)
+    assert torch.equal(containers.from_little_endian(little.clone(), dtype, host_byteorder="big").view(torch.uint8), swapped)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+@pytest.mark.filterwarnings("ignore:LoRA alpha unknown")
+def test_safetensors_files_are_read_not_mapped(tmp_path):
+    """A memory map keeps every page it touched resident: reading a large adapter module by
+    module through one would end with the whole file in the process's memory."""
+    path = tmp_path / "adapter.safetensors"
+    save_file(peft_tensors(r=4, d_in=4096, d_out=4096), str(path))
+    adapter = load_adapter(path, lazy=True)
+    for name in adapter:
+        adapter[name]
+    assert str(path) not in Path("/proc/self/maps").read_text()
+
+
+def test_a_file_replaced_after_opening_is_not_mixed_in(tmp_path):
+    path = tmp_path / "adapter.safetensors"
+    save_file(peft_tensors(), str(path))
+    before = containers.open_tensor_file(path)
+    save_file({k: v + 1 for k, v in peft_tensors().items()}, str(tmp_path / "new.safetensors"))
+    (tmp_path / "new.safetensors").replace(path)  # an atomic rewrite, as a trainer saves
+    key = f"{P}.lora_A.weight"
+    assert torch.equal(before.get(key), peft_tensors()[key])  # the file whose header was read
+
+
+def test_a_file_truncated_after_opening_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "adapter.safetensors"
+    save_file(peft_tensors(d_in=64), str(path))
+    opened = containers.open_tensor_file(path)
+    os.truncate(path, path.stat().st_size - 100)
+    with pytest.raises(AdapterFormatError, match="shrank after it was opened") as info:
+        for key in opened.keys():
+            opened.get(key)
+    assert path.name in str(info.value) and "\n" not in str(info.value)
+
+
 # ---------------------------------------------------------------------------- properties
 
 
@@ -175,12 +243,36 @@ PLAIN_WORDS = st.sampled_from(["encoder", "layers", "attn", "block", "mlp", "fc1
 SEGMENTS = st.one_of(PLAIN_WORDS, st.sampled_from(KNOWN_WORDS), st.integers(0, 30).map(str))
 
 
+def recoverable(segments: list[str]) -> bool:
+    """Whether kohya's mangling of `segments` can be undone without the model: at each segment's
+    first token the longest table word is the segment itself (none for a word without "_").
+    "proj.mlp" is not: mangled, it reads as the table word "proj_mlp"."""
+    tokens = "_".join(segments).split("_")
+    table = [tuple(word.split("_")) for word in KNOWN_WORDS]
+    position = 0
+    for segment in segments:
+        length = len(segment.split("_"))
+        longest = max((len(w) for w in table if tuple(tokens[position:position + len(w)]) == w), default=0)
+        if longest != (length if "_" in segment else 0):
+            return False
+        position += length
+    return True
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.lists(SEGMENTS, min_size=1, max_size=8))
+@given(st.lists(SEGMENTS, min_size=1, max_size=8).filter(recoverable))
 def test_kohya_names_demangle_to_the_model_path(segments):
-    """Paths made of KNOWN_WORDS, digits and words without "_" come back from kohya's mangling."""
+    """Paths made of KNOWN_WORDS, digits and words without "_" come back from kohya's mangling
+    wherever the mangled name has one reading."""
     path = ".".join(segments)
     assert demangle(path.replace(".", "_")) == path
+
+
+def test_ambiguous_kohya_names_read_as_the_table_word():
+    """Without the model, "proj_mlp" is read as Flux's `proj_mlp`, never as `proj.mlp`; with
+    --base, names are matched against the model's own (README: kohya row of the format table)."""
+    assert not recoverable(["proj", "mlp"])
+    assert demangle("single_transformer_blocks_0_proj_mlp") == "single_transformer_blocks.0.proj_mlp"
 
 
 @settings(max_examples=15, deadline=None)

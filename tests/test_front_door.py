@@ -36,6 +36,8 @@ def torch_modules(modules: set[str]) -> set[str]:
     (["train", "--help"], 0),
     (["sweep", "--help"], 0),
     (["reproduce", "--help"], 0),
+    (["scan", "--help"], 0),
+    (["scan", "root", "--workers", "0"], 2),
     (["analyze"], 2),                            # missing argument
     (["analyze", "x.safetensors", "--tau", "2"], 2),  # bad value
     (["compare", "a", "b", "--basis", "C"], 2),  # bad choice
@@ -46,6 +48,32 @@ def test_cli_front_door_imports_no_torch(argv, returncode):
     assert proc.returncode == returncode, proc.stderr[-2000:]
     assert not torch_modules(modules), sorted(torch_modules(modules))[:5]
     assert "lora_analysis.training.loop" not in modules
+
+
+NOT_FOR_ANALYSIS = ("lora_analysis.training", "lora_analysis.lora", "lora_analysis.reproduce", "lora_analysis.plots",
+                    "lora_analysis.scan", "transformers", "matplotlib", "peft")
+
+
+def test_analyze_and_compare_import_only_what_the_analysis_needs(tmp_path):
+    """`analyze` / `compare` of adapter files: torch and the analysis, no training stack, no
+    transformers (only `--base` with a Hugging Face model directory may need it), no plotting."""
+    import torch
+
+    from lora_analysis import Adapter, LoraModule, save_adapter
+
+    g = torch.Generator().manual_seed(0)
+    for seed in (0, 1):
+        modules = {"layers.0.q": LoraModule(torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g), 4.0)}
+        save_adapter(Adapter(modules), tmp_path / f"a{seed}.safetensors")
+    for argv in (["analyze", "a0.safetensors", "--format", "json", "--quiet"],
+                 ["compare", "a0.safetensors", "a1.safetensors", "--quiet"]):
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "lora_analysis", *argv], capture_output=True,
+                              text=True, env=ENV, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        modules = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        assert "lora_analysis.analysis.spectrum" in modules  # it did the work, and -X importtime reported it
+        unneeded = sorted(m for m in modules if m.startswith(NOT_FOR_ANALYSIS))
+        assert not unneeded, (argv[0], unneeded[:8])
 
 
 def test_version():

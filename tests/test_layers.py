@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"adapters"},
     {"analysis", "base_weights", "lora"},
     {"report", "plots"},
-    {"reproduce", "training"},
+    {"reproduce", "training", "scan"},
     {"cli"},
     {"__main__"},
 ]

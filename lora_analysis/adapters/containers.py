@@ -1,9 +1,12 @@
 """Tensor files under the readers: read tensors on demand, with bounded work before any is read.
 
-    SafetensorsFile   safetensors, memory-mapped (`safe_open`); the header is checked first:
-                      length ≤ 100 MB (safetensors' own limit), at most MAX_TENSORS entries
-                      (counted before the JSON is parsed), strict JSON, every entry's dtype,
-                      shape and data extent inside the file.
+    SafetensorsFile   safetensors; the header is checked first: length ≤ 100 MB (safetensors'
+                      own limit), at most MAX_TENSORS entries (counted before the JSON is
+                      parsed), strict JSON, every entry's dtype, shape and data extent inside
+                      the file. Each tensor is then read with one `readinto` into its own
+                      buffer, not through a memory map: a mapping keeps every page it has
+                      touched in the process's resident set until it is closed, so reading a
+                      1.6 GB adapter module by module would end with all of it resident.
     TorchFile         `torch.save` files, unpickled only by `torch.load(weights_only=True)`,
                       memory-mapped (`mmap=True`) so tensors are paged in when read. A zip
                       member that is compressed is refused before loading (torch.save never
@@ -20,14 +23,18 @@ structure from those without reading any data.
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import struct
+import sys
+import threading
+import weakref
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, BinaryIO, Iterator, Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..errors import AdapterFormatError, shown
 from ..fileio import parse_json
@@ -77,55 +84,85 @@ class TensorFile:
 
 
 class SafetensorsFile(TensorFile):
-    """A safetensors file, header checked up front, tensors read on demand through its mmap."""
+    """A safetensors file, header checked up front, each tensor read on demand into its own
+    buffer. Reads go through the one file handle the header was read from, so a file replaced
+    on disk meanwhile is never mixed into the tensors of the one whose header was checked."""
 
     def __init__(self, path: Path):
         self.path = path
-        header, self.metadata = read_safetensors_header(path)
-        self._entries: dict[str, tuple[torch.dtype | None, tuple[int, ...]]] = header
-        self._handle: Any = None
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed with this object
+        weakref.finalize(self, self._file.close)
+        self._lock = threading.Lock()  # one seek + read at a time
+        self._entries, self.metadata, self._data_start = read_safetensors_header(path, self._file)
 
     def keys(self) -> list[str]:
         return list(self._entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._entries[key][1]
+        return self._entries[key].shape
 
     def dtype(self, key: str) -> torch.dtype:
-        dtype = self._entries[key][0]
+        dtype = self._entries[key].dtype
         if dtype is None:
             raise AdapterFormatError(self.path, f"tensor {shown(key)!r} is F4 (float4): torch cannot convert it to a wider float")
         return dtype
 
     def get(self, key: str) -> torch.Tensor:
-        self.dtype(key)  # F4 refused before reading
-        try:
-            if self._handle is None:
-                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-            tensor = self._handle.get_tensor(key)
-        except SafetensorError as err:
-            raise AdapterFormatError(self.path, f"corrupt safetensors file: {shown(err)}") from None
-        return upcast(tensor, self.path, key)
+        dtype = self.dtype(key)  # F4 refused before reading
+        entry = self._entries[key]
+        data = torch.empty(entry.end - entry.start, dtype=torch.uint8)
+        with self._lock:
+            self._file.seek(self._data_start + entry.start)
+            buffer, done = data.numpy().data, 0
+            while done < len(buffer):  # a raw read may return less than asked
+                read = self._file.readinto(buffer[done:])
+                if not read:
+                    raise AdapterFormatError(self.path, f"truncated while reading tensor {shown(key)!r}: the file shrank after it was opened")
+                done += read
+        return upcast(from_little_endian(data, dtype).reshape(entry.shape), self.path, key)
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[torch.dtype | None, tuple[int, ...]]], dict[str, str]]:
-    """({key: (dtype, shape)}, metadata) of a safetensors file, checked without reading tensor data.
+def from_little_endian(data: torch.Tensor, dtype: torch.dtype, host_byteorder: str = sys.byteorder) -> torch.Tensor:
+    """The flat tensor of `dtype` whose little-endian bytes (safetensors' order) are `data`
+    (uint8, contiguous); on a big-endian host each element's bytes are reversed first."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    if host_byteorder != "little" and size > 1:
+        data = data.view(-1, size).flip(1).contiguous().view(-1)
+    return data.view(dtype) if data.numel() else torch.empty(0, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    """One tensor of a safetensors header: dtype (None for F4), shape, and its bytes
+    start..end counted from the end of the header."""
+
+    dtype: torch.dtype | None
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_safetensors_header(path: Path, file: BinaryIO) -> tuple[dict[str, HeaderEntry], dict[str, str], int]:
+    """({key: entry}, metadata, offset of the tensor data) of the safetensors file `path`, open
+    as `file`, checked without reading tensor data.
 
     Bounded work: the header length is checked against the file and MAX_HEADER_BYTES, and the
     number of entries is counted in the raw bytes (MAX_TENSORS) before any JSON is parsed.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise AdapterFormatError(path, f"truncated or not an adapter file: {size} bytes")
-        header_len = int.from_bytes(prefix, "little")
-        if header_len > MAX_HEADER_BYTES:
-            raise AdapterFormatError(path, f"corrupt safetensors header: length {header_len} bytes is implausible")
-        if header_len > size - 8:
-            problem = f"truncated: the header needs {header_len} bytes, the file has {size - 8} after its length"
-            raise AdapterFormatError(path, problem)
-        raw = f.read(header_len)
+    size = os.fstat(file.fileno()).st_size
+    file.seek(0)
+    prefix = file.read(8)
+    if len(prefix) < 8:
+        raise AdapterFormatError(path, f"truncated or not an adapter file: {size} bytes")
+    header_len = int.from_bytes(prefix, "little")
+    if header_len > MAX_HEADER_BYTES:
+        raise AdapterFormatError(path, f"corrupt safetensors header: length {header_len} bytes is implausible")
+    if header_len > size - 8:
+        problem = f"truncated: the header needs {header_len} bytes, the file has {size - 8} after its length"
+        raise AdapterFormatError(path, problem)
+    raw = file.read(header_len)
+    if len(raw) < header_len:
+        raise AdapterFormatError(path, "truncated while reading the header: the file shrank after it was opened")
     entries = raw.count(b'"data_offsets"')
     if entries > MAX_TENSORS:
         raise AdapterFormatError(path, f"safetensors header lists {entries} tensors, more than the {MAX_TENSORS} an adapter may hold")
@@ -139,10 +176,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[torch.dtype | N
     checked = {}
     for key, entry in header.items():
         checked[key] = _header_entry(path, key, entry, data_size)
-    return checked, dict(metadata)
+    return checked, dict(metadata), 8 + header_len
 
 
-def _header_entry(path: Path, key: str, entry: Any, data_size: int) -> tuple[torch.dtype | None, tuple[int, ...]]:
+def _header_entry(path: Path, key: str, entry: Any, data_size: int) -> HeaderEntry:
     try:
         dtype_name, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)
@@ -158,7 +195,7 @@ def _header_entry(path: Path, key: str, entry: Any, data_size: int) -> tuple[tor
     bits = 4 if dtype is None else torch.finfo(dtype).bits if dtype.is_floating_point else torch.iinfo(dtype).bits if dtype != torch.bool else 8
     if (end - start) * 8 != math.prod(shape) * bits:
         raise AdapterFormatError(path, f"corrupt safetensors header: tensor {shown(key)!r} of shape {shape} does not fill bytes {start}..{end}")
-    return dtype, tuple(shape)
+    return HeaderEntry(dtype, tuple(shape), start, end)
 
 
 class TorchFile(TensorFile):

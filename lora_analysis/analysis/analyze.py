@@ -13,6 +13,7 @@ import torch
 from ..adapters import Adapter, Update
 from ..base_weights import BaseWeights
 from ..errors import LoraAnalysisError
+from .heap import HeapTrimmer
 from .intruders import Intruders, intruder_dimensions
 from .projection import ProjectionNorms, WeightSpectrum, phi_vs_weight, projection_norms, weight_svd
 from .spectrum import DEFAULT_TAUS, ModuleSpectrum, RankMetrics, iter_spectra, with_progress
@@ -131,6 +132,7 @@ def analyze_adapter(
         return weights[name]
 
     spectra = iter_spectra(adapter.items(), options.device, base=base_weight if base is not None else None)
+    trim = HeapTrimmer()  # memory stays bounded over thousands of modules (see heap.py)
     for name, spectrum in with_progress(spectra, len(adapter), "analyze", progress):
         result = ModuleAnalysis(name, spectrum, spectrum.metrics(taus))
         if base is not None:
@@ -140,6 +142,7 @@ def analyze_adapter(
             _compare_with_weight(result, W.to(device=spectrum.device, dtype=spectrum.dtype), options)
         if not options.keep_vectors:
             spectrum.release_vectors()
+        trim()
         analysis.modules[name] = result
     if skipped:
         analysis.notes.append(

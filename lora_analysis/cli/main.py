@@ -20,10 +20,16 @@ from typing import TextIO
 from ..errors import LoraAnalysisError
 from ..version import __version__
 
-SUBCOMMANDS: list[str] = ["train", "analyze", "reproduce"]  # modules under lora_analysis.cli; each registers its subcommands
+# command -> the module under lora_analysis.cli that registers it (in the order --help lists them)
+COMMANDS: dict[str, str] = {"train": "train", "sweep": "train", "analyze": "analyze", "compare": "analyze",
+                            "scan": "scan", "reproduce": "reproduce"}
+SUBCOMMANDS: list[str] = list(dict.fromkeys(COMMANDS.values()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given the command line `argv`, only its command's module is registered (so
+    `analyze` does not import the training tables `train`'s options are built from). Without a
+    known command every one is, for --help and the error listing them."""
     parser = argparse.ArgumentParser(
         prog="lora-analysis",
         description="Rank analysis and interpretability of LoRA adapters (LoRA paper, Section 7).",
@@ -32,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
+    command = next((arg for arg in (sys.argv[1:] if argv is None else argv) if not arg.startswith("-")), None)
+    for name in [COMMANDS[command]] if command in COMMANDS else SUBCOMMANDS:
         importlib.import_module(f"{__package__}.{name}").register(subparsers)
     return parser
 
@@ -44,7 +51,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
