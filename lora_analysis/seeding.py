@@ -27,8 +27,11 @@ def seeded_generator(seed: int, *context: str | int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, *context))
 
 
-def random_basis(d: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Uniformly random orthonormal (d, k), float64: QR of a Gaussian matrix with sign-fixed R
-    (the sign fix makes Q Haar-distributed, not just orthonormal)."""
-    Q, R = torch.linalg.qr(torch.randn(d, k, generator=generator, dtype=torch.float64))
-    return Q * torch.sign(torch.diagonal(R)).where(torch.diagonal(R) != 0, torch.ones(()))
+def random_basis(d: int, k: int, generator: torch.Generator, count: int | None = None) -> torch.Tensor:
+    """Uniformly random orthonormal (d, k), float64 — or `count` independent ones, (count, d, k):
+    QR of a Gaussian matrix with sign-fixed R (the sign fix makes Q Haar-distributed, not just
+    orthonormal)."""
+    shape = (d, k) if count is None else (count, d, k)
+    Q, R = torch.linalg.qr(torch.randn(*shape, generator=generator, dtype=torch.float64))
+    signs = torch.diagonal(R, dim1=-2, dim2=-1)
+    return Q * torch.sign(signs).where(signs != 0, torch.ones(())).unsqueeze(-2)

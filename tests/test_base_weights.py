@@ -141,6 +141,10 @@ def test_bad_sources_give_one_line_errors(tmp_path, tiny_bert):
         BaseWeights(tmp_path / "missing")
     with pytest.raises(LoraAnalysisError, match="no model weights"):
         BaseWeights(tmp_path)
+    package = tmp_path / "package"  # an installed model package: the weights sit in model/
+    tiny_bert.save_pretrained(package / "model")
+    with pytest.raises(LoraAnalysisError, match=r"model/ holds them: pass .*package/model$"):
+        BaseWeights(package)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(LoraAnalysisError, match="bad.safetensors: cannot read safetensors header"):
@@ -172,3 +176,22 @@ def test_minilm_checkpoint_without_bert_prefix():
     W = base.weight("bert.encoder.layer.5.attention.self.value")  # classification-model name
     assert W.shape == (384, 384) and torch.isfinite(W).all()
     assert base.resolve("base_model.model.bert.encoder.layer.5.attention.self.value") == "encoder.layer.5.attention.self.value"
+
+
+@pytest.mark.integration
+def test_builtin_name_is_a_base(tiny_bert):
+    base = BaseWeights("minilm")
+    assert base.source == "minilm" and base.weight("bert.encoder.layer.0.attention.self.query").shape == (384, 384)
+
+
+def test_recorded_base_names_only_builtins_and_local_directories(tiny_bert, tmp_path, monkeypatch):
+    from lora_analysis.base_weights import recorded_base
+
+    adapter = extract_adapter(inject_lora(tiny_bert, LoraConfig(r=2, target_modules=["query"]), seed=0))
+    monkeypatch.chdir(tmp_path)
+    for recorded, expected in (("minilm", "minilm"), ("org/hub-model", None), (None, None), ("here", None)):
+        adapter.config.base_model_name_or_path = recorded
+        assert recorded_base(adapter) == expected
+    tiny_bert.save_pretrained(tmp_path / "here")  # a local directory with weights, relative to the working directory
+    adapter.config.base_model_name_or_path = "here"
+    assert recorded_base(adapter) == "here"

@@ -4,6 +4,7 @@ Conv1D) and a hand-written kohya file; formats, schema, bad inputs, exit codes, 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -166,7 +167,10 @@ def test_analyze_peft_bert_html_with_base(peft_bert, bert_base, tmp_path):
                 self.external.append(tag)
 
     page = Page()
-    page.feed(out.read_text(encoding="utf-8"))
+    html = out.read_text(encoding="utf-8")
+    page.feed(html)
+    assert f"<title>LoRA analysis: {peft_bert.parent.name}/{peft_bert.name}</title>" in html  # no absolute path
+    assert str(tmp_path) not in html.split("<body>")[0]
     assert page.tables == 5  # two summaries, recommendation, modules, against the base weights
     assert len(page.images) == 4  # spectra, effective-rank heatmap, amplification heatmap, φ against W
     assert all(src.startswith("data:image/png;base64,") for src in page.images) and page.external == []
@@ -380,3 +384,28 @@ def test_unwritable_output_is_a_usage_error(ours, tmp_path, capsys):
     plot = tmp_path / "file" / "phi.png"  # parent is a regular file
     assert main(["compare", str(ours), str(ours), "--plot", str(plot), "--quiet"]) == 2
     assert f"{plot}: --plot: the folder {tmp_path / 'file'} is not a directory" in capsys.readouterr().err
+    missing = tmp_path / "missing" / "x.json"  # never created behind the user's back
+    assert main(["analyze", str(ours), "-o", str(missing), "--quiet"]) == 2
+    assert f"{missing}: -o: the folder {missing.parent} does not exist; outputs never create folders" in capsys.readouterr().err
+    assert not missing.parent.exists()
+
+
+def test_analyze_finds_the_recorded_base_and_no_base_skips_it(ours, bert_base, tmp_path, monkeypatch):
+    """An adapter recording a local base directory (relative to the working directory) gets the
+    Table 7 section without --base; --no-base turns it off; a hub id is ignored."""
+    def recording(base_name: str) -> Path:
+        """`ours`, saved again with `base_model_name_or_path` = base_name (config and header agree)."""
+        adapter = load_adapter(ours)
+        config = dataclasses.replace(adapter.config, base_model_name_or_path=base_name)
+        return save_adapter(dataclasses.replace(adapter, config=config), tmp_path / f"records-{base_name.replace('/', '-')}")
+
+    local = recording(bert_base.name)
+    monkeypatch.chdir(bert_base.parent)
+    assert main(["analyze", str(local), "--format", "json", "-o", str(tmp_path / "auto.json")]) == 0
+    report = json.loads((tmp_path / "auto.json").read_text())
+    assert report["base"] == {"path": bert_base.name} and all(m["base"] for m in report["modules"].values())
+    assert main(["analyze", str(local), "--format", "json", "--no-base", "-o", str(tmp_path / "none.json"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "none.json").read_text())["base"] is None
+    hub = recording("org/not-here")
+    assert main(["analyze", str(hub), "--format", "json", "-o", str(tmp_path / "hub.json"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "hub.json").read_text())["base"] is None

@@ -29,6 +29,7 @@ def test_notebook_runs(name, quick_reproduction, tmp_path, monkeypatch):
     assert not errors
     text = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
     if name == "reproduce_paper.ipynb":
-        assert (tmp_path / "out" / "fig3.png").exists() and "paper:" in text
+        assert (tmp_path / "out" / "fig3.png").exists() and "sign test" in text
+        assert "barely trained adapters" in text  # quick-mode verdicts come with their caveat
     else:
         assert "LoRA parameters" in text and "amplification" in text

@@ -18,7 +18,7 @@ def test_phi_figure_fixed_scale_labels_chance_and_mask():
     phi = np.linspace(0.2, 0.6, 4 * 6).reshape(4, 6)
     phi[3, :] = np.nan  # beyond the numerical rank
     panels = [plots.PhiPanel(phi, title="layer 0 query", xlabel="j (r=6)", ylabel="i (r=4)", dim=64),
-              plots.PhiPanel(phi[:2, :3], title="layer 1 query", dim=32)]
+              plots.PhiPanel(phi[:2, :3], title="layer 1 query", dim=16)]
     fig = plots.phi_figure(panels, suptitle="φ")
 
     images = _images(fig)
@@ -28,15 +28,84 @@ def test_phi_figure_fixed_scale_labels_chance_and_mask():
     data = images[0].get_array()
     assert data.shape == (4, 6) and data.mask[3].all() and not data.mask[:3].any()
     np.testing.assert_allclose(data[:3].filled(), phi[:3])
-    first = fig.axes[0]
-    assert first.get_xlabel() == "j (r=6)" and first.get_ylabel() == "i (r=4)" and first.get_title() == "layer 0 query"
+    first, second = fig.axes[:2]
+    assert first.get_xlabel() == "j (r=6)" and first.get_ylabel() == "i (r=4)"
+    # chance per panel, in its title (the panels' levels differ): max(i, j)/d = 6/64 and 3/16
+    assert first.get_title() == "layer 0 query\nchance ≤ 0.094" and second.get_title() == "layer 1 query\nchance ≤ 0.19"
     assert [int(t) for t in first.get_yticks()] == [1, 2, 3, 4]  # 1-based, one per direction
-    texts = " ".join(t.get_text() for ax in fig.axes for t in ax.texts)
-    assert "chance ≤ 0.094" in texts and "d=64" in texts  # max(i, j)/d = 6/64
-    colorbar = [ax for ax in fig.axes if ax.get_ylabel() == "φ(i, j)"]
-    assert len(colorbar) == 1
-    chance_lines = [line.get_ydata()[0] for line in colorbar[0].lines]
-    assert pytest.approx(6 / 64) in chance_lines  # largest chance level among the panels, on the bar
+    assert not [t for ax in fig.axes for t in ax.texts]  # no note drawn on the data
+    colorbar = [ax for ax in fig.axes if ax.get_ylabel() == "$\\phi(i, j)$"]
+    assert len(colorbar) == 1 and not colorbar[0].lines  # no single "chance" tick on the shared bar
+
+
+def test_shared_chance_note_relative_scale_and_band_contours():
+    d = 32
+    chance = np.maximum(np.arange(1, 9)[:, None], np.arange(1, 9)[None, :]) / d
+    phi = chance.copy()
+    phi[0, 0] = 0.9  # a shared top direction, far above chance
+    band = np.stack([chance * 0.5, chance * 2.0])
+    panels = [plots.PhiPanel(phi, title="a", dim=d, band=band), plots.PhiPanel(phi, title="b", dim=d, band=band),
+              plots.PhiPanel(phi, title="a", dim=d, band=band, scale="relative")]
+    fig = plots.phi_figure(panels, ncols=2, width=plots.COLUMN_WIDTH)
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["a", "b", "a"]  # one level: said once, below
+    legend = fig.legends[0]
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels[-1] == "chance ≤ 0.25" and "band" in labels[0]
+    # φ leaves the band only at (1, 1): one solid contour per panel, none below
+    contours = [c for c in fig.axes[0].collections if c.__class__.__name__ == "QuadContourSet"]
+    assert len(contours) == 1
+    relative = fig.axes[2].get_images()[0]
+    assert relative.norm.vmin == -relative.norm.vmax  # symmetric log₂ scale around chance (white)
+    np.testing.assert_allclose(relative.get_array()[3, 3], 0.0, atol=1e-12)
+    bars = sorted(ax.get_ylabel() for ax in fig.axes if ax.get_ylabel().startswith("$\\phi"))
+    assert bars == ["$\\phi$ / chance", "$\\phi(i, j)$"]  # one colour bar per scale
+
+
+def test_a_panel_wholly_above_the_band_is_outlined():
+    """No contour exists when every cell is above the band: the panel's edge says so instead."""
+    phi = np.full((4, 6), 0.9)
+    band = np.stack([np.zeros((4, 6)), np.full((4, 6), 0.5)])
+    fig = plots.phi_figure([plots.PhiPanel(phi, dim=64, band=band), plots.PhiPanel(phi, dim=64)], ncols=2)
+    outlined, plain = fig.axes[:2]
+    edges = [p for p in outlined.patches if p.__class__.__name__ == "Rectangle" and p.get_edgecolor()[:3] == (1, 1, 1)]
+    assert len(edges) == 1 and edges[0].get_linestyle() == "solid"
+    assert not [p for p in plain.patches if p.get_edgecolor()[:3] == (1, 1, 1)]
+    assert not [c for c in outlined.collections if c.__class__.__name__ == "QuadContourSet"]
+
+
+@pytest.mark.parametrize("width, ncols, n, shape", [
+    (plots.COLUMN_WIDTH, 2, 4, (8, 64)),   # Figure 3
+    (plots.COLUMN_WIDTH, 3, 6, (64, 64)),  # Figure 4, two rows
+    (plots.TEXT_WIDTH, 6, 12, (64, 64)),   # Figures 6 and 7
+    (plots.TEXT_WIDTH, 4, 8, (384, 64)),   # Figure 8
+])
+def test_section7_layouts_are_legible_at_their_width(width, ncols, n, shape, tmp_path):
+    """Rendered at the width it is set for, no text is below 7 pt, and it is that wide; PDFs
+    embed TrueType fonts (no Type 3)."""
+    rng = np.random.default_rng(0)
+    dim = max(shape)
+    panels = [plots.PhiPanel(rng.random(shape), title="layer 5, $\\Delta W_q$", xlabel="$j$ (seed 1)",
+                             ylabel="$i$ (seed 0)", dim=dim, band=np.stack([np.zeros(shape), np.full(shape, 0.9)]),
+                             scale="relative" if k >= n // 2 else "absolute") for k in range(n)]
+    fig = plots.phi_figure(panels, ncols=ncols, width=width, suptitle="$\\phi(A, A', i, j)$, layer 3")
+    plots.save_figure(fig, tmp_path / "f.png")
+    from matplotlib.image import imread
+
+    pixels_wide = imread(tmp_path / "f.png").shape[1]
+    assert pixels_wide == pytest.approx(width * fig.dpi, abs=2)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    texts = [t for t in fig.findobj(lambda a: hasattr(a, "get_fontsize") and hasattr(a, "get_text"))
+             if t.get_text().strip() and t.get_visible() and t.get_window_extent(renderer).width > 0]
+    assert texts and min(t.get_fontsize() for t in texts) >= 7.0
+    inside = fig.bbox.expanded(1.001, 1.001)
+    assert all(inside.contains(*t.get_window_extent(renderer).p0) and inside.contains(*t.get_window_extent(renderer).p1)
+               for t in texts)  # nothing cut off at the edges
+    pdf = plots.figure_bytes(fig, "pdf")
+    assert b"/FontFile2" in pdf and b"/Type3" not in pdf
 
 
 def test_phi_figure_needs_panels():
@@ -141,8 +210,8 @@ def test_report_compare_figure_supplies_prefix_and_random_reference():
 
 def test_phi_figure_titles_ticks_and_chance_text_for_full_grids():
     """A 64 × 64 grid gets a few round 1-based ticks (every index would collide); a grid that
-    spans most of R^d says "chance = max(i,j)/d" instead of an upper bound, and the colour bar
-    carries no chance mark (it would sit near the top, saying nothing)."""
+    spans most of R^d says "chance = max(i, j)/d" instead of an upper bound, and the colour bar
+    carries no chance mark (one mark cannot hold every panel's level)."""
     big = plots.PhiPanel(np.full((64, 64), 0.3), dim=512)
     full = plots.PhiPanel(np.full((6, 6), 0.3), dim=8)
     fig = plots.phi_figure([big, full], suptitle="two grids")
@@ -150,10 +219,11 @@ def test_phi_figure_titles_ticks_and_chance_text_for_full_grids():
     ticks = [int(t) for t in fig.axes[0].get_xticks()]
     assert ticks[0] == 1 and ticks[-1] <= 64 and 3 <= len(ticks) <= 6 and ticks == sorted(ticks)
     assert list(fig.axes[0].get_images()[0].get_extent()) == [0.5, 64.5, 64.5, 0.5]  # cell (i, j) centred on (j, i)
-    texts = [t.get_text() for t in fig.axes[1].texts]
-    assert texts == ["chance = max(i,j)/d\n(d=8)"]
-    colorbar = [ax for ax in fig.axes if ax.get_ylabel() == "φ(i, j)"][0]
-    assert not colorbar.lines  # max chance 6/8 ≥ 0.5: no mark
+    # chance per panel, in the titles (the levels differ), never on the data or the colour bar
+    assert [fig.axes[0].get_title(), fig.axes[1].get_title()] == ["chance ≤ 0.12", "chance = max(i, j)/d"]
+    assert not fig.axes[1].texts
+    colorbar = [ax for ax in fig.axes if ax.get_ylabel() == "$\\phi(i, j)$"][0]
+    assert not colorbar.lines
 
 
 def test_spectra_figure_skips_zero_updates_and_keeps_raw_values_unnormalized():

@@ -233,6 +233,19 @@ def test_html_is_self_contained_with_tables_and_plots():
     assert parser.links == [] and "http://" not in page and "https://" not in page
 
 
+def test_html_phi_grid_in_layer_order_with_short_titles_and_portable_page_title():
+    from lora_analysis.report.html import display_name, phi_weight_panels
+
+    def module(norm):
+        return {"frobenius_norm": norm, "projection": "q", "base": {"phi_weight": {"phi": [[0.1]], "dim": 8}}}
+
+    modules = {f"model.layers.{layer}.self_attn.q_proj": module(norm) for layer, norm in ((10, 5.0), (2, 9.0), (7, 1.0))}
+    panels, prefix = phi_weight_panels(modules)
+    assert [p.title for p in panels] == ["layer 2, q", "layer 7, q", "layer 10, q"]  # not by ‖ΔW‖_F
+    assert display_name("/home/me/runs/r8/adapter_model.safetensors") == "r8/adapter_model.safetensors"
+    assert display_name("adapter.safetensors") == "adapter.safetensors"
+
+
 def test_render_rejects_unknown_format():
     adapter = make_adapter()
     report = analyze_report(analyze_adapter(adapter, progress=False), adapter)

@@ -45,12 +45,13 @@ def subspace_similarity(
 
 
 def phi_grid(M: np.ndarray, rank1: int | None = None, rank2: int | None = None) -> np.ndarray:
-    """φ grid from the cross product M = U1ᵀU2: (k1, k2) (see `subspace_similarity`)."""
-    k1, k2 = M.shape
-    cumulative = np.cumsum(np.cumsum(M * M, axis=0), axis=1)
+    """φ grid from the cross product M = U1ᵀU2: (k1, k2) (see `subspace_similarity`); a stack
+    (..., k1, k2) of cross products gives a stack of grids."""
+    k1, k2 = M.shape[-2:]
+    cumulative = np.cumsum(np.cumsum(M * M, axis=-2), axis=-1)
     i, j = np.arange(1, k1 + 1)[:, None], np.arange(1, k2 + 1)[None, :]
     grid = np.clip(cumulative / np.minimum(i, j), 0.0, 1.0)
-    grid[(i > _rank(rank1, k1)) | (j > _rank(rank2, k2))] = np.nan
+    grid[..., (i > _rank(rank1, k1)) | (j > _rank(rank2, k2))] = np.nan
     return grid
 
 

@@ -20,6 +20,7 @@ from .main import add_common_options, add_force_option
 
 if TYPE_CHECKING:
     from ..adapters import Adapter
+    from ..base_weights import BaseWeights
 
 REPORT_FORMATS = ("text", "markdown", "json", "html")
 COMPARE_FORMATS = ("text", "markdown", "json")
@@ -28,10 +29,12 @@ ANALYZE_EPILOG = """\
 Metrics of ΔW are computed exactly from each module's factors, never by forming the d×k
 matrix: LoRA's s·B·A (QR + r×r SVD), and likewise AdaLoRA, Tucker LoCon and LoHa (Khatri–Rao
 factors), LoKr (σ = products of the Kronecker factors' σ); DoRA and loralib convs are formed
-and decomposed exactly, one module at a time. DoRA's ΔW needs the base weights (--base).
-With --base, each module is also compared with its pretrained W (paper Table 7 and Figure 8,
-intruder dimensions); W's SVD is cached on disk. Formats read: PEFT (LoRA, AdaLoRA, LoHa,
-LoKr, DoRA), diffusers, kohya, LyCORIS, loralib, torchtune, LitGPT, AdapterHub.
+and decomposed exactly, one module at a time. DoRA's ΔW needs the base weights. With base
+weights (--base, or the adapter's recorded base_model_name_or_path when it names a built-in
+model or a local directory), each module is also compared with its pretrained W (paper
+Table 7 and Figure 8, intruder dimensions); W's SVD is cached on disk. Formats read: PEFT
+(LoRA, AdaLoRA, LoHa, LoKr, DoRA), diffusers, kohya, LyCORIS, loralib, torchtune, LitGPT,
+AdapterHub.
 
 examples:
   lora-analysis analyze adapter_model.safetensors
@@ -44,6 +47,7 @@ examples:
 A model directory (or a model's .safetensors file) instead of an adapter, with --base, is a
 full fine-tune: every 2-D weight's ΔW = W_ft − W₀ (or those --modules selects) is analysed as
 a dense update (exact float64 SVD), the two models read one module at a time.
+  lora-analysis analyze runs/r8 --base minilm        # the built-in model (found anyway when the adapter records it)
 """
 
 COMPARE_EPILOG = """\
@@ -72,8 +76,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     analyze.add_argument("adapter", metavar="ADAPTER",
                          help="adapter file (.safetensors, .bin, .pt, .pth) or directory; or a fine-tuned model (with --base)")
-    analyze.add_argument("--base", metavar="MODEL",
-                         help="pretrained weights: Hugging Face model directory, .safetensors file, or 'minilm' (built-in)")
+    base = analyze.add_mutually_exclusive_group()
+    base.add_argument("--base", metavar="MODEL",
+                      help="pretrained weights: built-in name (minilm), Hugging Face model directory or .safetensors "
+                           "file (default: the adapter's base_model_name_or_path when it names a built-in model or "
+                           "a local directory)")
+    base.add_argument("--no-base", action="store_true", help="skip the comparison with the pretrained weights")
     analyze.add_argument("--format", choices=REPORT_FORMATS, default="text", help="report format (default: text)")
     analyze.add_argument("-o", "--output", metavar="FILE",
                          help="write the report to FILE (atomically) instead of stdout; FILE's folder must exist")
@@ -134,20 +142,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_analyze(args: argparse.Namespace) -> int:
     from ..analysis import AnalysisOptions, analyze_adapter
+    from ..base_weights import BaseWeights
     from ..report import analyze_report, render_report
 
     args.base = base_model_path(args.base)
     _check_outputs(args, {"-o": args.output}, [args.adapter, args.base])
-    base = None
-    if args.base:
-        from ..base_weights import BaseWeights
-
-        base = BaseWeights(args.base)
+    base = BaseWeights(args.base) if args.base else None
     pair = _model_pair(args.adapter, args.base, args.modules)
     if pair is not None:
         adapter = selected = pair
     else:
-        adapter = _load(args.adapter, args, base.tensor_shapes if base else None, alpha=args.alpha, with_base=base is not None)
+        adapter = _load(args.adapter, args, base, alpha=args.alpha, dora_needs_base=False)
+        if base is None and not args.no_base:
+            source = _recorded_base(adapter, args)
+            if source:
+                base = BaseWeights(source)
+                adapter = _load(args.adapter, args, base, alpha=args.alpha)  # formats that tell layers apart by W's shapes
+        if base is None:
+            _refuse_dora_without_base(adapter, args.adapter)
         selected = _select(adapter, args.modules, args.adapter)
     base_names = None
     if base is not None:  # fail before the long work
@@ -198,21 +210,37 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(path: str, args: argparse.Namespace, weight_shapes: dict | None = None, alpha: float | None = None,
-          with_base: bool = False) -> Adapter:
-    """The adapter at `path`, its modules streamed from the file; DoRA modules need base weights
-    or --dora-direction (refused here, before any work)."""
+def _recorded_base(adapter: Adapter, args: argparse.Namespace) -> str | None:
+    """The adapter's own base model when its config names a built-in or a local directory (said on stderr)."""
+    from ..base_weights import recorded_base
+
+    source = recorded_base(adapter)
+    if source:
+        _progress(args, f"base weights: {source} (the adapter's base_model_name_or_path; --no-base skips them)")
+    return source
+
+
+def _load(path: str, args: argparse.Namespace, base: BaseWeights | None = None, alpha: float | None = None,
+          dora_needs_base: bool = True) -> Adapter:
+    """The adapter at `path`, its modules streamed from the file (`base`'s shapes tell loralib
+    convs and PEFT target_parameters apart); DoRA modules need base weights or --dora-direction
+    (refused here, before any work, unless `dora_needs_base` is False)."""
     from ..adapters import load_adapter
 
-    adapter = load_adapter(path, alpha=alpha, lazy=True, weight_shapes=weight_shapes)
+    adapter = load_adapter(path, alpha=alpha, lazy=True, weight_shapes=base.tensor_shapes if base else None)
     if args.dora_direction:
         return adapter.dora_directions()
+    if dora_needs_base and base is None:
+        _refuse_dora_without_base(adapter, path)
+    return adapter
+
+
+def _refuse_dora_without_base(adapter: Adapter, path: str) -> None:
     dora = [name for name in adapter.modules if adapter.info(name).kind == "dora"]
-    if dora and not with_base:
+    if dora:
         raise LoraAnalysisError(
             f"{shown(path)}: {len(dora)} DoRA module(s) (e.g. {shown(dora[0])}): ΔW = diag(m/‖W₀ + sBA‖)(W₀ + sBA) − W₀ needs the "
             "base weights (--base, analyze only); --dora-direction analyses the direction update s·B·A alone instead")
-    return adapter
 
 
 def base_model_path(base: str | None) -> str | None:
@@ -220,9 +248,9 @@ def base_model_path(base: str | None) -> str | None:
     its installed directory. Without --base nothing is imported (analyze stays lean)."""
     if base is None:
         return None
-    from ..training.models import BUILTIN_MODELS, resolve_model
+    from ..base_weights import model_path
 
-    return os.fspath(resolve_model(base)[0]) if base in BUILTIN_MODELS else base
+    return os.fspath(model_path(base))
 
 
 def _model_pair(path: str, base: str | None, patterns: list[str] | None) -> Adapter | None:

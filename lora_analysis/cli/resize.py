@@ -108,8 +108,7 @@ def run_resize(args: argparse.Namespace) -> int:
         from ..base_weights import BaseWeights
 
         base = BaseWeights(args.base)
-    adapter = _select(_load(args.adapter, args, base.tensor_shapes if base else None, alpha=args.alpha,
-                            with_base=base is not None), args.modules, args.adapter)
+    adapter = _select(_load(args.adapter, args, base, alpha=args.alpha), args.modules, args.adapter)
 
     def weight(name: str, update: Update) -> torch.Tensor:  # W₀ for DoRA modules
         assert base is not None

@@ -36,7 +36,7 @@ figcaption { font-size: 0.85em; color: #555; }
 
 def render_html(report: AnalyzeReport) -> str:
     """The whole page for an `analyze` report (matplotlib is imported here, lazily)."""
-    title = f"LoRA analysis: {report['adapter']['path']}"
+    title = f"LoRA analysis: {display_name(report['adapter']['path'])}"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -79,17 +79,44 @@ def analyze_figures(report: AnalyzeReport) -> list[tuple[bytes, str]]:
                 "Amplification factor per layer and projection type (paper Table 7): how strongly ΔW amplifies "
                 "directions that W does not emphasize."))
     if report["base"] is not None:
-        largest = sorted(modules, key=lambda n: modules[n]["frobenius_norm"], reverse=True)[:MAX_PHI_PANELS]
-        prefix = common_prefix(largest)
-        panels = [plots.PhiPanel(base_of(modules[n])["phi_weight"]["phi"], title=plots.plain_text(n[len(prefix):]), xlabel="j (top-j of ΔW)",
-                                 ylabel="i (top-i of W)", dim=base_of(modules[n])["phi_weight"]["dim"]) for n in largest]
-        panels = [p for p in panels if len(p.phi) and len(p.phi[0])]
+        panels, prefix = phi_weight_panels(modules)
         if panels:
             suptitle = "φ between W and ΔW (left singular vectors)" + (f" — {plots.plain_text(prefix)}*" if prefix else "")
-            figures.append((plots.figure_bytes(plots.phi_figure(panels, suptitle=suptitle)),
+            which = "every module" if len(modules) <= MAX_PHI_PANELS else f"the {len(panels)} modules with the largest ‖ΔW‖_F"
+            figures.append((plots.figure_bytes(plots.phi_figure(panels, suptitle=suptitle, ncols=min(4, len(panels)))),
                             f"φ(i, j) between the top-i left singular vectors of W and the top-j of ΔW (paper Figure 8), "
-                            f"for the {len(panels)} modules with the largest ‖ΔW‖_F."))
+                            f"for {which}, in model order."))
     return figures
+
+
+def phi_weight_panels(modules: Mapping[str, ModuleReport]) -> tuple[list, str]:
+    """φ-against-W panels of the `MAX_PHI_PANELS` modules with the largest ‖ΔW‖_F, in model order
+    (layer by layer), titled "layer 3, q"; and the module paths' common prefix."""
+    from .. import plots
+
+    shown = sorted(sorted(modules, key=lambda n: modules[n]["frobenius_norm"], reverse=True)[:MAX_PHI_PANELS],
+                   key=model_order)
+    prefix = common_prefix(shown)
+    panels = [plots.PhiPanel(base_of(modules[n])["phi_weight"]["phi"], title=_panel_title(n, modules[n], prefix),
+                             xlabel="j (top-j of ΔW)", ylabel="i (top-i of W)", dim=base_of(modules[n])["phi_weight"]["dim"])
+              for n in shown]
+    return [p for p in panels if len(p.phi) and len(p.phi[0])], prefix
+
+
+def display_name(path: str) -> str:
+    """A path as a page title: its last two components (an adapter's directory and file, or its
+    parent and directory), never the local absolute path."""
+    parts = [p for p in str(path).replace("\\", "/").split("/") if p]
+    return "/".join(parts[-2:]) if parts else "adapter"
+
+
+def _panel_title(name: str, module: ModuleReport, prefix: str) -> str:
+    """"layer 3, query" for a numbered layer, else the name without the common prefix (plain
+    text: names come from files)."""
+    from ..plots import plain_text
+
+    layer = layer_of(name)
+    return plain_text(f"layer {layer[1]}, {module['projection']}" if layer is not None else name[len(prefix):])
 
 
 def spectra_by_projection(modules: Mapping[str, ModuleReport]) -> dict[str, list[dict]]:

@@ -33,11 +33,16 @@ class ReproduceConfig:
     layers: layers shown in figures 6/7 (default: every layer); figures 3, 4, 8 and Table 7
         use `layer` (default: the middle one of `layers`, like the paper's 48th of 96).
     quick: a few steps per run on a small validation split — a first look and the tests.
+    out: where figures and tables go; default `figures/` for a full run and `<run_dir>/figures`
+        for a quick one (a first look never lands in the committed figures).
+    null_draws: Haar-random draws behind every random baseline (default 1000; 200 quick).
+    force: write into `out` even when it holds other files of the same names (see
+        `render.check_output_dir`).
     """
 
     model: str = "minilm"
     data: str = "rotten_tomatoes"
-    out: Path = Path("figures")
+    out: Path | None = None
     run_dir: Path | None = None
     targets: list[str] = field(default_factory=lambda: ["query", "value"])
     layers: list[int] | None = None
@@ -51,12 +56,20 @@ class ReproduceConfig:
     quick: bool = False
     device: str = "auto"
     progress: bool = True
+    null_draws: int | None = None
+    force: bool = False
 
     def __post_init__(self) -> None:
-        self.out = Path(self.out)
         if self.run_dir is None:
             self.run_dir = Path("runs") / f"reproduce-{Path(self.model).name}-{Path(self.data).stem}{'-quick' if self.quick else ''}"
         self.run_dir = Path(self.run_dir)
+        if self.out is None:
+            self.out = self.run_dir / "figures" if self.quick else Path("figures")
+        self.out = Path(self.out)
+        if self.null_draws is None:
+            self.null_draws = 200 if self.quick else 1000
+        if self.null_draws < 100:
+            raise LoraAnalysisError(f"null_draws must be ≥ 100 (the 1 % and 99 % quantiles need them), got {self.null_draws}")
         for needed in (8, 64, 4):
             if needed not in self.ranks:
                 raise LoraAnalysisError(f"the figures need rank {needed} in the sweep; ranks are {list(self.ranks)}")

@@ -14,10 +14,8 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from ..assets import ASSETS, asset_path
+from ..assets import ASSETS, BUILTIN_MODELS, asset_path
 from ..errors import LoraAnalysisError
-
-BUILTIN_MODELS = ("minilm",)
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 
