@@ -111,6 +111,29 @@ class ResizeResult:
     def left_out(self) -> list[str]:
         return [name for name, m in self.modules.items() if m.rank == 0]
 
+    @property
+    def energy_kept(self) -> float:
+        """Energy kept over all modules, Σ_m ‖ΔW_m,k‖²_F / Σ_m ‖ΔW_m‖²_F: each module's own
+        ratio weighted by (‖ΔW_m‖_F / max_m ‖ΔW_m‖_F)² (no overflow of squared norms). For a fixed
+        adapter it is non-decreasing in every module's k."""
+        weights, kept = self._weights(), [m.energy_kept for m in self.modules.values()]
+        total = float(np.sum(weights))
+        return float(np.dot(weights, kept)) / total if total else 1.0
+
+    @property
+    def relative_error(self) -> float:
+        """‖ΔW − ΔW_k‖ / ‖ΔW‖ over all modules (Frobenius norm of the stacked updates) = √(1 − energy kept),
+        computed from the tails: √(Σ_m err_m² / Σ_m ‖ΔW_m‖²_F), scaled like `energy_kept`."""
+        scale = max((m.frobenius for m in self.modules.values()), default=0.0)
+        if not scale:
+            return 0.0
+        errors = np.square([m.error / scale for m in self.modules.values()])
+        return math.sqrt(float(np.sum(errors)) / float(np.sum(self._weights())))
+
+    def _weights(self) -> np.ndarray:
+        scale = max((m.frobenius for m in self.modules.values()), default=0.0)
+        return np.square([m.frobenius / scale if scale else 0.0 for m in self.modules.values()])
+
 
 def truncation(spectrum: ModuleSpectrum, k: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """(B' (d_out, k), A' (k, d_in), ‖ΔW − ΔW_k‖_F, energy kept) of the best rank-k approximation,
