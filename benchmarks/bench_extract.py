@@ -11,7 +11,7 @@ included); reported: best and median wall time, CPU time and peak RSS (`ru_maxrs
   embeddings too), exact float64 SVD, and with --base the analyses against W;
 - extract: `extract FT --base MINILM --rank 16 -o OUT` — the 36 encoder Linear layers + pooler.
 
-Then the resize curve, in this process, by the product itself: `extract FT --base BASE
+Then the resize curve, by the product itself: `extract FT --base BASE
 --sweep-ranks RANKS --eval --format json` — per rank k of --ranks, over the Linear layers: energy
 kept Σ_{i≤k}σ² / Σσ², relative error ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F, the adapter's parameters and its
 validation accuracy (the extracted LoRA plus the fine-tuned head on the base model, on the run's
@@ -35,22 +35,18 @@ HERE = Path(__file__).resolve().parent
 
 
 def curve(finetuned: Path, base: Path, ranks: list[int], evaluated: bool) -> dict:
-    """The product's rank curve, in this process: `extract FT --base BASE --sweep-ranks RANKS
+    """The product's rank curve, in a child process: `extract FT --base BASE --sweep-ranks RANKS
     [--eval] --format json` (its JSON document: per rank energy kept, relative error, parameters
     and validation metrics of the extracted LoRA plus the fine-tuned head; the original's)."""
-    import contextlib
-    import io
     import json
+    import subprocess
 
-    from lora_analysis.cli.main import main as cli
-
-    out = io.StringIO()
-    command = ["extract", str(finetuned), "--base", str(base), "--sweep-ranks", *map(str, ranks),
-               "--format", "json", "--quiet", *(["--eval"] if evaluated else [])]
-    with contextlib.redirect_stdout(out):
-        if cli(command) != 0:
-            raise SystemExit(f"extract failed: {' '.join(command)}")
-    return json.loads(out.getvalue())
+    command = [sys.executable, "-m", "lora_analysis", "extract", str(finetuned), "--base", str(base), "--sweep-ranks",
+               *map(str, ranks), "--format", "json", "--quiet", *(["--eval"] if evaluated else [])]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"extract failed: {' '.join(command)}")
+    return json.loads(done.stdout)
 
 
 def main() -> None:

@@ -245,6 +245,8 @@ def rank_curve_figure(ranks: Sequence[int], energy_kept: Sequence[float], *, met
     ax = fig.subplots()
     ax.plot(ranks, np.asarray(energy_kept, dtype=float), marker="o", color="tab:blue", label="energy kept")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(list(ranks), [str(k) for k in ranks])
+    ax.minorticks_off()
     ax.set_xlabel("rank k")
     ax.set_ylabel("energy kept Σσ²(k) / Σσ²", color="tab:blue")
     ax.set_ylim(0, 1.02)

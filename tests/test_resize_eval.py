@@ -5,14 +5,20 @@ float64 SVD of the materialized ΔW) and accuracy per rank; refusals are one lin
 from __future__ import annotations
 
 import json
+import math
 import shutil
+from decimal import Decimal, localcontext
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from training_fixtures import save_tiny_bert, write_sentiment_csv
 
 from lora_analysis import evaluate, load_adapter, train
+from lora_analysis.analysis.resize import ModuleResize, RankRule, ResizeResult
 from lora_analysis.cli.main import main
 from lora_analysis.training.evaluation import run_config
 
@@ -26,6 +32,24 @@ def runs(tmp_path_factory):
     train(**common, r=4, alpha=8.0, lr=5e-2, output_dir=root / "lora")
     train(**common, method="full", lr=5e-3, output_dir=root / "full")
     return {"bert": bert, "csv": csv, "lora": root / "lora", "full": root / "full"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(1e-150, 1e150), st.floats(0.0, 1.0)), min_size=1, max_size=6))
+def test_energy_kept_over_modules_is_exact_over_the_float_range(modules):
+    """Σ kept_m ‖ΔW_m‖² / Σ ‖ΔW_m‖² and √(Σ err_m² / Σ ‖ΔW_m‖²) against exact rational arithmetic,
+    norms from 1e-150 to 1e150 (their squares overflow or underflow float64)."""
+    cuts = {f"m{i}": ModuleResize(f"m{i}", "lora", (4, 4), 2, 2, 1, norm, norm * math.sqrt(1 - kept), kept, 16, 8)
+            for i, (norm, kept) in enumerate(modules)}
+    result = ResizeResult(None, cuts, RankRule("rank", 1))  # type: ignore[arg-type]
+    weights = [Fraction(m.frobenius) ** 2 for m in cuts.values()]
+    expected = sum(w * Fraction(m.energy_kept) for w, m in zip(weights, cuts.values())) / sum(weights)
+    assert result.energy_kept == pytest.approx(float(expected), rel=1e-12, abs=1e-300)
+    error = sum(Fraction(m.error) ** 2 for m in cuts.values()) / sum(weights)
+    with localcontext() as context:  # √ of the exact ratio, in decimal: no exponent limit
+        context.prec = 40
+        root = Decimal(error.numerator).sqrt() / Decimal(error.denominator).sqrt()
+    assert result.relative_error == pytest.approx(float(root), rel=1e-12, abs=0)
 
 
 def report(capsys, *argv: str) -> dict:

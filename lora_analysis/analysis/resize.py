@@ -122,13 +122,14 @@ class ResizeResult:
 
     @property
     def relative_error(self) -> float:
-        """‖ΔW − ΔW_k‖ / ‖ΔW‖ over all modules (Frobenius norm of the stacked updates) = √(1 − energy kept),
-        computed from the tails: √(Σ_m err_m² / Σ_m ‖ΔW_m‖²_F), scaled like `energy_kept`."""
-        scale = max((m.frobenius for m in self.modules.values()), default=0.0)
-        if not scale:
+        """‖ΔW − ΔW_k‖_F / ‖ΔW‖_F over all modules (the stacked updates): √(Σ_m err_m² / Σ_m ‖ΔW_m‖²_F),
+        errors and norms each scaled by their largest (no overflow or underflow of the squares)."""
+        errors = [m.error for m in self.modules.values()]
+        largest_error, largest_norm = max(errors, default=0.0), max((m.frobenius for m in self.modules.values()), default=0.0)
+        if not largest_error or not largest_norm:
             return 0.0
-        errors = np.square([m.error / scale for m in self.modules.values()])
-        return math.sqrt(float(np.sum(errors)) / float(np.sum(self._weights())))
+        tails = float(np.sum(np.square(np.asarray(errors) / largest_error)))
+        return largest_error / largest_norm * math.sqrt(tails / float(np.sum(self._weights())))
 
     def _weights(self) -> np.ndarray:
         scale = max((m.frobenius for m in self.modules.values()), default=0.0)
