@@ -288,16 +288,15 @@ def _evaluate(source: str | Adapter, task: _Task, args: argparse.Namespace, orig
 
 
 def _plot(points: list[RankPoint], original: EvalResult | None, path: str) -> None:
+    """Energy kept and (evaluated) the validation metric against rank, the original's as a line."""
     from ..plots import rank_curve_figure, save_figure
 
-    evaluated = all(p.evaluation is not None for p in points)
-    metric = _metric(points[0].evaluation) if evaluated and points[0].evaluation is not None else None
+    metric = _metric(original) if original is not None else None
+    values = [p.evaluation.metrics[metric] for p in points if p.evaluation is not None] if metric else None
+    figure = rank_curve_figure([p.rank for p in points], [p.result.energy_kept for p in points], metric=values,
+                               metric_label=metric, reference=original.metrics[metric] if original and metric else None)
     with _writing(path):
-        save_figure(rank_curve_figure(
-            [p.rank for p in points], [p.result.energy_kept for p in points],
-            metric=[p.evaluation.metrics[metric] for p in points if p.evaluation is not None] if metric else None,
-            metric_label=metric, reference=original.metrics[metric] if original is not None and metric else None,
-        ), path)
+        save_figure(figure, path)
 
 
 def _metric(evaluation: EvalResult | None) -> str:
