@@ -11,15 +11,16 @@ included); reported: best and median wall time, CPU time and peak RSS (`ru_maxrs
   embeddings too), exact float64 SVD, and with --base the analyses against W;
 - extract: `extract FT --base MINILM --rank 16 -o OUT` — the 36 encoder Linear layers + pooler.
 
-Then the resize curve, in this process: `resize_adapter` of the pair's Linear-layer ΔW at each
-rank of --ranks, summed over the modules: energy kept Σ_{i≤k}σ² / Σσ², relative error
-‖ΔW − ΔW_k‖_F / ‖ΔW‖_F (both over all modules), and the adapter's parameters.
+Then the resize curve, by the product itself: `extract FT --base BASE
+--sweep-ranks RANKS --eval --format json` — per rank k of --ranks, over the Linear layers: energy
+kept Σ_{i≤k}σ² / Σσ², relative error ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F, the adapter's parameters and its
+validation accuracy (the extracted LoRA plus the fine-tuned head on the base model, on the run's
+own validation split).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -33,38 +34,19 @@ from bench_cli import measure  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
-def curve(finetuned: Path, base: Path, ranks: list[int], evaluate_ranks: list[int]) -> list[tuple]:
-    """(rank, energy kept, relative error, parameters, validation accuracy or None) over the
-    Linear layers, per rank. Accuracy (ranks in `evaluate_ranks`): the extracted LoRA plus the
-    fine-tuned classification head on the base model, on the run's own validation split."""
-    from safetensors.torch import load_file
+def curve(finetuned: Path, base: Path, ranks: list[int], evaluated: bool) -> dict:
+    """The product's rank curve, in a child process: `extract FT --base BASE --sweep-ranks RANKS
+    [--eval] --format json` (its JSON document: per rank energy kept, relative error, parameters
+    and validation metrics of the extracted LoRA plus the fine-tuned head; the original's)."""
+    import json
+    import subprocess
 
-    from lora_analysis import Adapter, LoraConfig
-    from lora_analysis.analysis import RankRule, resize_adapter
-    from lora_analysis.model_pair import ModelPair
-    from lora_analysis.naming import strip_known_prefixes
-    from lora_analysis.training import evaluate
-    from lora_analysis.training.evaluation import run_config
-    from lora_analysis.training.model_files import linear_layers
-
-    linear = {strip_known_prefixes(n) for n in linear_layers(finetuned) or ()}
-    adapter = ModelPair(finetuned, base).adapter()
-    adapter = adapter.select([n for n in adapter.modules if strip_known_prefixes(n) in linear])
-    head = {k: v for shard in sorted(finetuned.glob("*.safetensors")) for k, v in load_file(shard).items()
-            if k.startswith("classifier.")}
-    recipe = run_config(finetuned)
-    rows = []
-    for k in ranks:
-        result = resize_adapter(adapter, RankRule("rank", k), device="cpu", progress=False)
-        total = sum(m.frobenius**2 for m in result.modules.values())
-        error = sum(m.error**2 for m in result.modules.values())
-        accuracy = None
-        if k in evaluate_ranks and recipe is not None:
-            with_head = Adapter(result.adapter.modules, LoraConfig(modules_to_save=["classifier"], task_type="SEQ_CLS"), head)
-            accuracy = evaluate(with_head, recipe, base=base, progress=False).accuracy
-        rows.append((k, 1 - error / total, math.sqrt(error / total),
-                     sum(m.parameters_after for m in result.modules.values()), accuracy))
-    return rows
+    command = [sys.executable, "-m", "lora_analysis", "extract", str(finetuned), "--base", str(base), "--sweep-ranks",
+               *map(str, ranks), "--format", "json", "--quiet", *(["--eval"] if evaluated else [])]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"extract failed: {' '.join(command)}")
+    return json.loads(done.stdout)
 
 
 def main() -> None:
@@ -75,27 +57,21 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=None, help="default: the built-in MiniLM")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
-    parser.add_argument("--eval-ranks", type=int, nargs="*", default=[1, 4, 16, 64, 256],
-                        help="ranks whose extracted adapter is also evaluated (validation accuracy)")
+    parser.add_argument("--no-eval", action="store_true", help="energy and error only (no validation accuracy)")
     parser.add_argument("--skip-timing", action="store_true", help="only the curve")
     args = parser.parse_args()
     base = args.base or asset_path("minilm")
     if not args.skip_timing:
         timing(args.finetuned, base, args.repeat)
-    recipe_accuracy = _run_accuracy(args.finetuned)
-    print(f"\nfine-tuned model's own validation accuracy: {recipe_accuracy}")
+    document = curve(args.finetuned, base, args.ranks, not args.no_eval)
+    original = document.get("evaluation", {}).get("original", {}).get("val_accuracy")
+    print(f"\nfine-tuned model's own validation accuracy: {original}")
     print("\n| rank | energy kept | relative error ‖ΔW−ΔW_k‖/‖ΔW‖ | LoRA parameters | val. accuracy (LoRA + head) |")
     print("|---|---|---|---|---|")
-    for k, kept, error, parameters, accuracy in curve(args.finetuned, base, args.ranks, args.eval_ranks):
-        shown = "" if accuracy is None else f"{accuracy:.4f}"
-        print(f"| {k} | {100 * kept:.2f} % | {error:.4f} | {parameters:,} | {shown} |")
-
-
-def _run_accuracy(finetuned: Path) -> float | None:
-    import json
-
-    metrics = finetuned / "metrics.json"
-    return json.loads(metrics.read_text())["final"].get("val_accuracy") if metrics.exists() else None
+    for row in document["ranks"]:
+        accuracy = "" if row["metrics"] is None else f"{row['metrics']['val_accuracy']:.4f}"
+        print(f"| {row['rank']} | {100 * row['energy_kept']:.2f} % | {row['relative_error']:.4f} | "
+              f"{row['parameters']:,} | {accuracy} |")
 
 
 def timing(finetuned: Path, base: Path, repeat: int) -> None:

@@ -68,10 +68,12 @@ _EXPORTS = {
     "find_adapters": ".scan",
     "scan_adapters": ".scan",
     "EvalResult": ".training",
+    "RankPoint": ".training",
     "SweepResult": ".training",
     "TrainConfig": ".training",
     "TrainResult": ".training",
     "evaluate": ".training",
+    "rank_sweep": ".training",
     "run_sweep": ".training",
     "train": ".training",
 }
@@ -123,7 +125,17 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .model_pair import ModelPair, WeightPair, is_model_checkpoint
     from .report import analyze_report, compare_report, render_report
     from .scan import ScanResult, Shard, find_adapters, scan_adapters
-    from .training import EvalResult, SweepResult, TrainConfig, TrainResult, evaluate, run_sweep, train
+    from .training import (
+        EvalResult,
+        RankPoint,
+        SweepResult,
+        TrainConfig,
+        TrainResult,
+        evaluate,
+        rank_sweep,
+        run_sweep,
+        train,
+    )
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

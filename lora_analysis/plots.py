@@ -409,6 +409,34 @@ def layer_heatmap(values: Mapping[tuple[str, str], float | None], *, rows: Seque
     return fig
 
 
+def rank_curve_figure(ranks: Sequence[int], energy_kept: Sequence[float], *, metric: Sequence[float] | None = None,
+                      metric_label: str | None = None, reference: float | None = None) -> Figure:
+    """The rank curve of `resize --sweep-ranks`: energy kept (fraction, 0–1) against rank k on a
+    log₂ axis and, when given, the validation `metric` of each rank's adapter on a second axis,
+    with the original adapter's value `reference` as a dashed line."""
+    if len(ranks) != len(energy_kept) or (metric is not None and len(metric) != len(ranks)):
+        raise ValueError("rank_curve_figure: ranks, energy_kept and metric must have one value per rank")
+    fig = Figure(figsize=(5.0, 3.4), layout="constrained", dpi=_dpi(5.0, 3.4))
+    ax = fig.subplots()
+    ax.plot(ranks, np.asarray(energy_kept, dtype=float), marker="o", color="tab:blue", label="energy kept")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(ranks), [str(k) for k in ranks])
+    ax.minorticks_off()
+    ax.set_xlabel("rank k")
+    ax.set_ylabel("energy kept Σσ²(k) / Σσ²", color="tab:blue")
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, alpha=0.3)
+    if metric is not None:
+        right = ax.twinx()
+        right.plot(ranks, np.asarray(metric, dtype=float), marker="s", color="tab:red", label=metric_label)
+        if reference is not None:
+            right.axhline(reference, color="tab:red", linestyle="--", linewidth=1.0, label=f"original {metric_label}")
+        right.set_ylabel(metric_label or "metric", color="tab:red")
+        right.legend(loc="lower right", fontsize="small")
+    fig.suptitle("Resized adapter against rank")
+    return fig
+
+
 def figure_bytes(fig: Figure, fmt: str = "png", dpi: float | None = None) -> bytes:
     """The figure rendered to `fmt` (png, pdf, svg) in memory."""
     buffer = io.BytesIO()

@@ -111,6 +111,30 @@ class ResizeResult:
     def left_out(self) -> list[str]:
         return [name for name, m in self.modules.items() if m.rank == 0]
 
+    @property
+    def energy_kept(self) -> float:
+        """Energy kept over all modules, Σ_m ‖ΔW_m,k‖²_F / Σ_m ‖ΔW_m‖²_F: each module's own
+        ratio weighted by (‖ΔW_m‖_F / max_m ‖ΔW_m‖_F)² (no overflow of squared norms). For a fixed
+        adapter it is non-decreasing in every module's k."""
+        weights, kept = self._weights(), [m.energy_kept for m in self.modules.values()]
+        total = float(np.sum(weights))
+        return float(np.dot(weights, kept)) / total if total else 1.0
+
+    @property
+    def relative_error(self) -> float:
+        """‖ΔW − ΔW_k‖_F / ‖ΔW‖_F over all modules (the stacked updates): √(Σ_m err_m² / Σ_m ‖ΔW_m‖²_F),
+        errors and norms each scaled by their largest (no overflow or underflow of the squares)."""
+        errors = [m.error for m in self.modules.values()]
+        largest_error, largest_norm = max(errors, default=0.0), max((m.frobenius for m in self.modules.values()), default=0.0)
+        if not largest_error or not largest_norm:
+            return 0.0
+        tails = float(np.sum(np.square(np.asarray(errors) / largest_error)))
+        return largest_error / largest_norm * math.sqrt(tails / float(np.sum(self._weights())))
+
+    def _weights(self) -> np.ndarray:
+        scale = max((m.frobenius for m in self.modules.values()), default=0.0)
+        return np.square([m.frobenius / scale if scale else 0.0 for m in self.modules.values()])
+
 
 def truncation(spectrum: ModuleSpectrum, k: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """(B' (d_out, k), A' (k, d_in), ‖ΔW − ΔW_k‖_F, energy kept) of the best rank-k approximation,

@@ -23,6 +23,8 @@ _EXPORTS = {
     "TrainResult": ".loop",
     "train": ".loop",
     "load_model": ".models",
+    "RankPoint": ".resize_eval",
+    "rank_sweep": ".resize_eval",
     "SweepResult": ".sweep",
     "cell_name": ".sweep",
     "run_sweep": ".sweep",
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from .evaluation import EvalResult, evaluate, run_config
     from .loop import TrainResult, train
     from .models import load_model
+    from .resize_eval import RankPoint, rank_sweep
     from .sweep import SweepResult, cell_name, run_sweep
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
