@@ -112,16 +112,25 @@ def test_readme_section7_prose_quotes_the_committed_results():
     section = README.read_text(encoding="utf-8").split("## What the reproduction shows")[1].split("\n## ")[0]
     prose = " ".join(section.split())  # line breaks do not matter
     fig3, fig4, table7 = results["fig3"], results["fig4"], results["table7"]
-    assert fig4["query"]["top_k"] == fig4["value"]["top_k"] == 64  # the prose says "over i ≤ 64"
+    r4, r64 = table7["4"], table7["64"]
     quoted = [
         f"φ(1, 1) = {fig3['query']['phi_11']:.2f} for ΔW_q, {fig3['value']['phi_11']:.2f} for ΔW_v",
         f"φ(1, 1) = {fig4['query']['phi_11']:.2f} for ΔW_q, {fig4['value']['phi_11']:.2f} for ΔW_v",
-        f"{fig4['query']['top_k_mean']:.3f} (ΔW_q) and {fig4['value']['top_k_mean']:.3f} (ΔW_v)",
-        f"chance level of {(64 + 1) / 2 / 384:.3f}",
-        f"√E = {table7['4']['random_expected']:.3f} at r = 4 and {table7['64']['random_expected']:.2f} at r = 64",
-        f"directions ({table7['4']['delta']:.3f}) are at the level of random ones",
-        f"capture {100 * table7['4']['delta'] / table7['4']['weight']:.0f} %",
-        f"is {table7['4']['amplification']:.1f} at r = 4 and {table7['64']['amplification']:.2f} at r = 64",
+        f"over i ≤ 8 at this layer: {fig4['query']['mean_phi_ii_top8']:.3f} (ΔW_q) and "
+        f"{fig4['value']['mean_phi_ii_top8']:.3f} (ΔW_v), against a chance level of "
+        f"{fig4['query']['chance']['mean_phi_ii_top8']:.3f}",
+        f"directions ({r4['delta']:.3f} at r = 4) are at the level of random ones ({r4['random_mean']:.3f} ± "
+        f"{r4['random_sd']:.3f})",
+        f"at r = 64 they are above ({r64['delta']:.2f} against {r64['random_mean']:.2f} ± {r64['random_sd']:.3f})",
+        f"capture {100 * r4['delta'] / r4['weight']:.0f} %",
+        f"is {r4['amplification']:.1f} at r = 4 and {r64['amplification']:.2f} at r = 64",
     ]
+    summary = prose.split("In short:")[1].split("![Figure 3]")[0].replace("−", "-")
+    parts = {(claim["key"], part["label"]): part["test"] for claim in results["claims"] for part in claim["parts"]}
+    for key in [("a", "ΔW_q"), ("a", "ΔW_v"), ("b", "ΔW_q − ΔW_v"), ("d", "more than random (r = 4)"),
+                ("d", "more than random (r = 64)")]:
+        test = parts[key]
+        for phrase in (f"{test['median']:.3g}", f"{test['claim_side']}/{test['n']}"):
+            assert phrase in summary, f"README's verdict summary does not say {phrase!r} for claim {key}"
     for phrase in quoted:
         assert phrase in prose, f"README Section 7 does not say {phrase!r} (figures/results.json does)"
