@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..config import BASIS_KINDS
 from ..errors import LoraAnalysisError, shown
-from .main import add_common_options, add_force_option
+from .main import add_common_options, add_device_option, add_force_option
 
 if TYPE_CHECKING:
     from ..adapters import Adapter
@@ -106,7 +106,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="top-K singular vectors of W + ΔW checked for intruders (default: 10)")
     analyze.add_argument("--intruder-epsilon", type=_fraction, default=0.5, metavar="EPS",
                          help="intruder if max |cos| with W's singular vectors is below EPS (default: 0.5)")
-    analyze.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda:0, ...")
+    add_device_option(analyze)
     add_force_option(analyze)
     add_common_options(analyze)
     analyze.set_defaults(func=run_analyze)
@@ -134,7 +134,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="k of the mean over the top-k diagonal φ(i, i) (default: the smaller numerical rank)")
     _add_module_filter(compare)
     _add_dora_direction(compare)
-    compare.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda:0, ...")
+    add_device_option(compare)
     add_force_option(compare)
     add_common_options(compare)
     compare.set_defaults(func=run_compare)

@@ -50,6 +50,11 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
 
 
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """--device for subcommands that analyse (resolved by `lora_analysis.devices`)."""
+    parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda:0, ...")
+
+
 def add_force_option(parser: argparse.ArgumentParser) -> None:
     """--force for subcommands that write files the user names (rules: `lora_analysis.outputs`)."""
     parser.add_argument("--force", action="store_true",

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 from ..errors import LoraAnalysisError
 from ..fileio import dumps_json
 from ..training.data import BUILTIN_DATASETS, TASKS
-from .analyze import _emit, _examples, _load, _model_pair, _positive_int, _progress, _select, base_model_path
+from .analyze import _add_module_filter, _emit, _examples, _load, _model_pair, _positive_int, _progress, _select, base_model_path
 from .analyze import _write as _write_file
-from .main import add_common_options
+from .main import add_common_options, add_device_option
 
 if TYPE_CHECKING:
     import torch
@@ -124,8 +124,8 @@ def _add_shared(parser: argparse.ArgumentParser) -> None:
                              "an optional directory, one adapter per rank in OUT/rank-R")
     parser.add_argument("--force", action="store_true", help="replace an existing adapter at OUT (never an input)")
     parser.add_argument("--format", choices=("text", "json"), default="text", help="per-module table on stdout (default: text)")
-    parser.add_argument("--modules", action="append", metavar="PATTERN", help="only modules whose path matches this glob (repeatable)")
-    parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda:0, ...")
+    _add_module_filter(parser)
+    add_device_option(parser)
     parser.add_argument("--plot", metavar="FILE", help="with --sweep-ranks: accuracy and energy kept against rank (.png, .pdf, .svg)")
     task = parser.add_argument_group("verified by accuracy")
     task.add_argument("--eval", action="store_true", help="evaluate the new adapter and the original on the validation split")

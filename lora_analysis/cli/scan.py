@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from .analyze import _positive_int
-from .main import add_common_options
+from .main import add_common_options, add_device_option
 
 EPILOG = """\
 Finds every adapter under ROOT (adapter directories such as PEFT's, and tensor files:
@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="analyse N adapters at a time in worker processes (default: 1)")
     parser.add_argument("--shard", metavar="I/N", default="0/1",
                         help="scan only shard I of N (0 <= I < N), e.g. a job array's task index (default: 0/1, all)")
-    parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda:0, ...")
+    add_device_option(parser)
     add_common_options(parser)
     parser.set_defaults(func=run)
 
