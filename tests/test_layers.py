@@ -27,6 +27,7 @@ LAYERS: list[set[str]] = [
     {"analysis", "base_weights", "model_pair", "lora"},
     {"report", "plots"},
     {"reproduce", "training", "scan"},
+    {"study"},
     {"cli"},
     {"__main__"},
 ]

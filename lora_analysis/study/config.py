@@ -1,0 +1,110 @@
+"""`StudyConfig`: what `lora-analysis study` trains, measures and renders.
+
+The study answers seven questions beyond the paper's Section 7 (issue 13) on one model and
+three built-in tasks. Its runs live where `reproduce` puts its own: one sweep directory per
+task, `ReproduceConfig(model, task).run_dir` (e.g. `runs/reproduce-minilm-rotten_tomatoes`),
+trained with reproduce's recipe, so cells trained by `reproduce` or `sweep` with that recipe
+are reused and a study never retrains them.
+
+The grid (full run; `quick` shrinks seeds, ranks and steps):
+
+    every task       LoRA on `lora_targets` at `ranks` × `seeds`; full fine-tuning × `seeds`
+    main task        + LoRA r = `stability_rank` and full fine-tuning over `stability_seeds`
+                     + each `target_settings` entry (label, targets, r) × `seeds`
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import LoraAnalysisError
+from ..reproduce.experiment import ReproduceConfig
+
+QKVO = ["query", "key", "value", "attention.output.dense"]
+
+
+@dataclass(frozen=True)
+class TargetSetting:
+    """One row of question 6: which weights LoRA adapts, at which rank.
+
+    Ranks are chosen so the trainable LoRA parameters per layer match ({q, v} at r = 8 and
+    {q, k, v, o} at r = 4 both train 12,288 per MiniLM layer; all linear layers at r = 2
+    train 13,824, the closest integer rank); the study reports the exact counts.
+    """
+
+    label: str
+    targets: list[str] | str
+    r: int
+
+
+DEFAULT_TARGET_SETTINGS = (
+    TargetSetting("{q, v}", ["query", "value"], 8),
+    TargetSetting("{q, k, v, o}", QKVO, 4),
+    TargetSetting("all linear", "all-linear", 2),
+)
+
+
+@dataclass
+class StudyConfig:
+    """The study's plan.
+
+    tasks: built-in data sets; the first is the main task (questions 1-3 and 5-7 use it,
+        question 4 uses all). out: figures and README (default `figures/study`, or
+        `<runs_root>/study-<model>-quick/figures` for a quick run). runs_root: where the
+        per-task sweep directories live (reproduce's default: `runs`).
+    seeds: seeds of every cell; stability_seeds: question 5's (≥ 5 for a verdict).
+    ranks: LoRA ranks of question 4 (and the rank-k references of question 7).
+    compare_ranks: LoRA ranks compared with full fine-tuning in question 2.
+    depth_rank / stability_rank: the LoRA rank of questions 3 / 5.
+    resize_from / resize_ranks: question 7 resizes rank-`resize_from` adapters to these ranks.
+    null_draws: Haar-random draws behind random baselines (default 1000; 200 quick).
+    """
+
+    model: str = "minilm"
+    tasks: tuple[str, ...] = ("rotten_tomatoes", "sms_spam", "trec")
+    out: Path | None = None
+    runs_root: Path = Path("runs")
+    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    seeds: tuple[int, ...] = (0, 1, 2)
+    stability_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    ranks: tuple[int, ...] = (1, 2, 4, 8, 64)
+    compare_ranks: tuple[int, ...] = (8, 64)
+    depth_rank: int = 64
+    stability_rank: int = 8
+    resize_from: int = 64
+    resize_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    target_settings: tuple[TargetSetting, ...] = DEFAULT_TARGET_SETTINGS
+    quick: bool = False
+    device: str = "auto"
+    progress: bool = True
+    null_draws: int | None = None
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise LoraAnalysisError("the study needs at least one task")
+        if len(self.seeds) < 2:
+            raise LoraAnalysisError("confidence intervals over seeds need at least two seeds")
+        for rank in (*self.compare_ranks, self.depth_rank, self.stability_rank, self.resize_from):
+            if rank not in self.ranks:
+                raise LoraAnalysisError(f"rank {rank} is used by a question but not in ranks {list(self.ranks)}")
+        if self.null_draws is None:
+            self.null_draws = 200 if self.quick else 1000
+        self.runs_root = Path(self.runs_root)
+        if self.out is None:
+            self.out = self.runs_root / f"study-{Path(self.model).name}-quick" / "figures" if self.quick else Path("figures/study")
+        self.out = Path(self.out)
+
+    @property
+    def main_task(self) -> str:
+        return self.tasks[0]
+
+    def reproduce_config(self, task: str) -> ReproduceConfig:
+        """The sweep of `task`: reproduce's run directory and training recipe (shared runs)."""
+        return ReproduceConfig(model=self.model, data=task, quick=self.quick, device=self.device,
+                               progress=self.progress, run_dir=self._run_dir(task))
+
+    def _run_dir(self, task: str) -> Path:
+        quick = "-quick" if self.quick else ""
+        return self.runs_root / f"reproduce-{Path(self.model).name}-{Path(task).stem}{quick}"
