@@ -136,6 +136,32 @@ def rule_pass_rate(null_probs: Sequence[float], alpha: float = ALPHA) -> float:
     return float(min(1.0, pmf[probs.size - k + 1 :].sum()))
 
 
+@dataclass(frozen=True)
+class MeanInterval:
+    """The mean of n values with its two-sided (1 − α) Student-t interval, mean ± t·s/√n
+    (s: sample standard deviation; sem = s/√n). Assumes i.i.d. roughly normal values, e.g.
+    accuracies over seeds."""
+
+    mean: float
+    low: float
+    high: float
+    sem: float
+    n: int
+
+
+def mean_interval(values: Sequence[float] | np.ndarray, alpha: float = ALPHA) -> MeanInterval:
+    """`MeanInterval` of `values` (at least two, all finite)."""
+    from scipy import stats  # here, not at the top: keeps scipy out of analyze's start-up
+
+    x = np.asarray(values, dtype=float)
+    if x.size < 2 or not np.all(np.isfinite(x)):
+        raise LoraAnalysisError(f"a t interval needs at least two finite values, got {x.tolist()}")
+    mean = float(x.mean())
+    sem = float(x.std(ddof=1) / math.sqrt(x.size))
+    half = float(stats.t.ppf(1.0 - alpha / 2.0, x.size - 1)) * sem
+    return MeanInterval(mean, mean - half, mean + half, sem, int(x.size))
+
+
 def combine_verdicts(verdicts: Sequence[Verdict]) -> Verdict:
     """A claim made of parts holds when every part holds (an intersection–union test: each part
     at level α keeps the whole at level α), does not hold when any part does not, else is
