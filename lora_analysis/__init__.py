@@ -67,6 +67,8 @@ _EXPORTS = {
     "Shard": ".scan",
     "find_adapters": ".scan",
     "scan_adapters": ".scan",
+    "StudyConfig": ".study",
+    "run_study": ".study",
     "EvalResult": ".training",
     "RankPoint": ".training",
     "SweepResult": ".training",
@@ -125,6 +127,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .model_pair import ModelPair, WeightPair, is_model_checkpoint
     from .report import analyze_report, compare_report, render_report
     from .scan import ScanResult, Shard, find_adapters, scan_adapters
+    from .study import StudyConfig, run_study
     from .training import (
         EvalResult,
         RankPoint,

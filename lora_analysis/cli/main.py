@@ -22,7 +22,8 @@ from ..version import __version__
 
 # command -> the module under lora_analysis.cli that registers it (in the order --help lists them)
 COMMANDS: dict[str, str] = {"train": "train", "sweep": "train", "evaluate": "train", "analyze": "analyze",
-                            "compare": "analyze", "resize": "resize", "extract": "resize", "scan": "scan", "reproduce": "reproduce"}
+                            "compare": "analyze", "resize": "resize", "extract": "resize", "scan": "scan", "reproduce": "reproduce",
+                            "study": "study"}
 SUBCOMMANDS: list[str] = list(dict.fromkeys(COMMANDS.values()))
 
 

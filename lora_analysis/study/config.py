@@ -6,7 +6,7 @@ task, `ReproduceConfig(model, task).run_dir` (e.g. `runs/reproduce-minilm-rotten
 trained with reproduce's recipe, so cells trained by `reproduce` or `sweep` with that recipe
 are reused and a study never retrains them.
 
-The grid (full run; `quick` shrinks seeds, ranks and steps):
+The grid (full run; `quick` shrinks seeds, ranks and steps, see `QUICK_GRID`):
 
     every task       LoRA on `lora_targets` at `ranks` × `seeds`; full fine-tuning × `seeds`
     main task        + LoRA r = `stability_rank` and full fine-tuning over `stability_seeds`
@@ -38,6 +38,16 @@ class TargetSetting:
     r: int
 
 
+# The grid fields left empty take these defaults: the full study's, or a quick run's (a first
+# look and the tests: two seeds, the two ranks questions 2, 3 and 5-7 need, 4 steps per cell).
+FULL_GRID: dict[str, tuple[int, ...]] = {
+    "seeds": (0, 1, 2), "stability_seeds": (0, 1, 2, 3, 4), "ranks": (1, 2, 4, 8, 64),
+    "resize_ranks": (1, 2, 4, 8, 16, 32, 64),
+}
+QUICK_GRID: dict[str, tuple[int, ...]] = {
+    "seeds": (0, 1), "stability_seeds": (0, 1), "ranks": (8, 64), "resize_ranks": (1, 8, 64),
+}
+
 DEFAULT_TARGET_SETTINGS = (
     TargetSetting("{q, v}", ["query", "value"], 8),
     TargetSetting("{q, k, v, o}", QKVO, 4),
@@ -59,6 +69,8 @@ class StudyConfig:
     depth_rank / stability_rank: the LoRA rank of questions 3 / 5.
     resize_from / resize_ranks: question 7 resizes rank-`resize_from` adapters to these ranks.
     null_draws: Haar-random draws behind random baselines (default 1000; 200 quick).
+    seeds, stability_seeds, ranks, resize_ranks: left empty, they take `FULL_GRID`'s values,
+        or `QUICK_GRID`'s for a quick run.
     """
 
     model: str = "minilm"
@@ -66,14 +78,14 @@ class StudyConfig:
     out: Path | None = None
     runs_root: Path = Path("runs")
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
-    seeds: tuple[int, ...] = (0, 1, 2)
-    stability_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    ranks: tuple[int, ...] = (1, 2, 4, 8, 64)
+    seeds: tuple[int, ...] = ()
+    stability_seeds: tuple[int, ...] = ()
+    ranks: tuple[int, ...] = ()
     compare_ranks: tuple[int, ...] = (8, 64)
     depth_rank: int = 64
     stability_rank: int = 8
     resize_from: int = 64
-    resize_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    resize_ranks: tuple[int, ...] = ()
     target_settings: tuple[TargetSetting, ...] = DEFAULT_TARGET_SETTINGS
     quick: bool = False
     device: str = "auto"
@@ -82,6 +94,8 @@ class StudyConfig:
     force: bool = False
 
     def __post_init__(self) -> None:
+        for name, value in (QUICK_GRID if self.quick else FULL_GRID).items():
+            setattr(self, name, tuple(getattr(self, name)) or value)
         if not self.tasks:
             raise LoraAnalysisError("the study needs at least one task")
         if len(self.seeds) < 2:

@@ -17,12 +17,13 @@ from ..adapters import Adapter
 from ..training import TrainConfig
 from .config import StudyConfig
 
-VerdictText = Literal["holds", "does not hold", "inconclusive at this sample size"]
+VerdictText = Literal["holds", "does not hold", "inconclusive at this sample size", "holds trivially under the null"]
 
 
 @dataclass
 class StudyVerdict:
-    """verdict: the answer; rule: how the numbers decide it (test, side, α, thresholds);
+    """verdict: the answer ("holds trivially under the null": the rule passes for random
+    matrices too, with probability > α, so it says nothing beyond them); rule: how the numbers decide it (test, side, α, thresholds);
     effect: the measured effect with its 95 % CI and n, in words (one line)."""
 
     verdict: VerdictText
