@@ -148,17 +148,20 @@ def verdicts(units: list[dict[str, Any]], max_rank: int) -> list[StudyVerdict]:
     for tau in TAUS:
         tag = _tag(tau)
         test = sign_test([u[f"ratio_{tag}"] for u in units], 1.0, "less")
-        found.append(sign_verdict(
-            test, [0.5] * len(units),
-            f"(energy rank at {tag} % / d) ÷ (a same-shape random matrix's, Marchenko–Pastur)",
-            "the random matrix: ratio 1, the null's median (closed form)"))
+        v = sign_verdict(test, [0.5] * len(units),
+                         f"(energy rank at {tag} % / d) ÷ (a same-shape random matrix's, Marchenko–Pastur)",
+                         "the random matrix: ratio 1, the null's median (closed form)")
+        v.effect = f"energy rank at {tag} % below a random matrix's: ratio " + v.effect
+        found.append(v)
     limit = max_rank + 0.5
     test = sign_test([u["energy_rank_90"] for u in units], limit, "less")
     # A random matrix's 90 % energy rank is ~ n·fraction ≫ max_rank: it never passes this rule.
     null_probs = [1.0 if u["null_fraction_90"] * min(u["shape"]) < limit else 0.0 for u in units]
-    found.append(sign_verdict(test, null_probs, f"the energy rank at 90 % (k with Σ_(i≤k)σ² ≥ 0.9Σσ²)",
-                              f"rank {max_rank}, the study's largest LoRA rank: values ≤ {max_rank} mean a "
-                              f"rank-{max_rank} LoRA can hold 90 % of ΔW"))
+    v = sign_verdict(test, null_probs, "the energy rank at 90 % (k with Σ_(i≤k)σ² ≥ 0.9Σσ²)",
+                     f"rank {max_rank}, the study's largest LoRA rank: values ≤ {max_rank} mean a "
+                     f"rank-{max_rank} LoRA can hold 90 % of ΔW")
+    v.effect = f"90 % of ΔW within rank {max_rank}: energy rank " + v.effect
+    found.append(v)
     return found
 
 

@@ -195,6 +195,18 @@ def readme(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(results: dict[str, Any], figures: str = "figures/study") -> str:
+    """The project README's section body: per question its figure, measurement and verdicts
+    (images under `figures`), from results.json alone."""
+    lines = []
+    for key, q in results["questions"].items():
+        lines += [f"**{q['number']}. {q['question']}** (`{key}`; expectation, from {q['source']}: {q['expectation']})",
+                  "", f"![{key}]({figures}/{key}.png)", "", q["measurement"], ""]
+        lines += [f"- {v['verdict']}: {v['effect']}" for v in q["verdicts"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def time_section(time_record_: dict[str, Any]) -> list[str]:
     t = time_record_
     rows = [["training, cells trained by this run", f"{t['cells_trained_now']}", f"{t['training_s_trained_now']:.0f}"],
