@@ -87,7 +87,7 @@ def _full_svds(cell: str, base: str) -> tuple[tuple[Key, DeltaSVD], ...]:
         delta = pair.delta(name)
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         k = min(TOP_VECTORS, S.numel())
-        found.append(((projection, layer[1]), DeltaSVD(name, projection, layer[1], tuple(delta.shape), S.numpy(),
+        found.append(((projection, layer[1]), DeltaSVD(name, projection, layer[1], (delta.shape[0], delta.shape[1]), S.numpy(),
                                                        U[:, :k].numpy(), Vh[:k].T.numpy())))
     if not found:
         raise LoraAnalysisError(f"{cell}: no layer holds any of the projections {list(PROJECTIONS)}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Final, Sequence
 
 import numpy as np
 
@@ -20,14 +20,16 @@ from ..analysis.stats import ALPHA, SignTest, Verdict, mean_interval, rule_pass_
 from ..errors import LoraAnalysisError
 from .types import StudyVerdict, VerdictText
 
-INCONCLUSIVE = "inconclusive at this sample size"
-TRIVIAL = "holds trivially under the null"
+INCONCLUSIVE: Final = "inconclusive at this sample size"
+TRIVIAL: Final = "holds trivially under the null"
 TREND_PERMUTATIONS = 10_000
 
 
 def study_text(verdict: Verdict) -> VerdictText:
     """`analysis.stats`' verdict in the study's words."""
-    return INCONCLUSIVE if verdict == "inconclusive" else verdict
+    if verdict == "inconclusive":
+        return INCONCLUSIVE
+    return verdict
 
 
 def num(x: float) -> str:
