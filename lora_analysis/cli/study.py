@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import LoraAnalysisError
     from ..study import StudyConfig, run_study
     from ..study.config import FULL_GRID
+    from ..study.render import in_order
 
     seeds: tuple[int, ...] = ()
     stability: tuple[int, ...] = ()
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if config.quick:
         print("note: --quick trains 4 steps per cell; the verdicts below describe barely trained runs, not the questions "
               "(run without --quick for those)")
-    for key, question in results["questions"].items():
+    for key, question in in_order(results):
         print(f"{question['number']}. {question['question']} ({key})")
         for verdict in question["verdicts"]:
             print(f"    {verdict['verdict']}: {verdict['effect']}")

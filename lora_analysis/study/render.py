@@ -185,7 +185,7 @@ def readme(results: dict[str, Any]) -> str:
     if study["quick"]:
         lines += [f"**Quick run ({study['steps']} steps per cell): these runs are barely trained, so the verdicts describe "
                   f"them, not the questions. Run without `--quick` for those.**", ""]
-    for key, q in results["questions"].items():
+    for key, q in in_order(results):
         lines += [f"## {q['number']}. {q['question']} (`{key}`)", "",
                   f"**Expectation** ({q['source']}): {q['expectation']}", "",
                   f"**Measurement:** {q['measurement']}", "", "**Verdicts:**", ""]
@@ -195,11 +195,16 @@ def readme(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def in_order(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """results.json's questions by number (the file sorts its keys)."""
+    return sorted(results["questions"].items(), key=lambda item: item[1]["number"])
+
+
 def summary(results: dict[str, Any], figures: str = "figures/study") -> str:
     """The project README's section body: per question its figure, measurement and verdicts
     (images under `figures`), from results.json alone."""
     lines = []
-    for key, q in results["questions"].items():
+    for key, q in in_order(results):
         lines += [f"**{q['number']}. {q['question']}** (`{key}`; expectation, from {q['source']}: {q['expectation']})",
                   "", f"![{key}]({figures}/{key}.png)", "", q["measurement"], ""]
         lines += [f"- {v['verdict']}: {v['effect']}" for v in q["verdicts"]]
