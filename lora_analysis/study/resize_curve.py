@@ -71,11 +71,11 @@ def smallest_within(ranks: Sequence[int], original: Sequence[float], resized: Se
     """(the smallest k whose resized accuracies are within one paired SE of the originals, or
     None; per k {"rank", "difference", "se", "within"}). resized[i]: accuracies over the same
     seeds as `original`, at ranks[i]."""
-    rows = []
+    rows: list[dict] = []
     for k, values in zip(ranks, resized):
         difference, se = paired_difference(original, values)
         rows.append({"rank": int(k), "difference": difference, "se": se, "within": within_one_se(difference, se)})
-    within = sorted(row["rank"] for row in rows if row["within"])
+    within = sorted(int(row["rank"]) for row in rows if row["within"])
     return (within[0] if within else None), rows
 
 
@@ -188,19 +188,20 @@ def plot(answer: Answer, figure) -> None:
     left.axhspan(original["low"], original["high"], color="0.85", lw=0)
     left.axhline(original["mean"], color="0.3", lw=1, label=f"original r = {numbers['resize_from']}")
     _errorbar(left, resized, "C0", "o", f"resized from r = {numbers['resize_from']}")
-    if trained:
-        _errorbar(left, trained, "C1", "s", "trained at r = k")
+    if trained:  # drawn a little to the right of the resized points at the same k
+        _errorbar(left, trained, "C1", "s", "trained at r = k", shift=1.1)
     if numbers["smallest_rank"] is not None:
         row = next(r for r in resized if r["rank"] == numbers["smallest_rank"])
-        left.plot([row["rank"]], [row["mean"]], "*", ms=9, color="C3", label="smallest k within 1 SE")
+        left.plot([row["rank"]], [row["mean"]], "*", ms=9, color="C3", label="smallest k within 1 paired SE")
     left.set_ylabel(f"validation accuracy ({numbers['task']})\nmean over {n} seeds, 95 % t interval", fontsize=LABEL_PT)
     left.legend(fontsize=TICK_PT, frameon=False, loc="lower right")
     for row in resized:
         right.plot(np.full(len(row["energy_kept"]), row["rank"]), row["energy_kept"], "o", ms=2.5, color="C0", alpha=0.6)
     right.plot(ks, [row["mean_energy_kept"] for row in resized], "-", lw=1, color="C0")
-    right.set_ylabel("energy kept $\\sum_{i \\leq k} \\sigma_i^2 / \\sum_i \\sigma_i^2$\n"
+    right.set_ylabel("energy kept $\\Sigma_{i \\leq k}\\,\\sigma_i^2 \\,/\\, \\Sigma_i\\,\\sigma_i^2$\n"
                      f"(each seed; line: mean over {n})", fontsize=LABEL_PT)
-    right.set_ylim(0, 1.02)
+    lowest = min(min(row["energy_kept"]) for row in resized)
+    right.set_ylim(lowest - 0.05 * (1.0 - lowest) - 1e-3, 1.0 + 0.05 * (1.0 - lowest) + 1e-3)
     for ax in (left, right):
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
@@ -210,8 +211,8 @@ def plot(answer: Answer, figure) -> None:
     figure.set_layout_engine("constrained")
 
 
-def _errorbar(ax, rows: list[dict], color: str, marker: str, label: str) -> None:
+def _errorbar(ax, rows: list[dict], color: str, marker: str, label: str, shift: float = 1.0) -> None:
     means = np.array([row["mean"] for row in rows])
     errors = np.array([[row["mean"] - row["low"] for row in rows], [row["high"] - row["mean"] for row in rows]])
-    ax.errorbar([row["rank"] for row in rows], means, yerr=errors, marker=marker, ms=3, lw=1, capsize=2, color=color,
+    ax.errorbar([row["rank"] * shift for row in rows], means, yerr=errors, marker=marker, ms=3, lw=1, capsize=2, color=color,
                 label=label)

@@ -21,7 +21,7 @@ only sees ratios beyond F_{0.975}(4, 4) ≈ 9.6: equal variances are not shown b
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -76,7 +76,7 @@ def answer(runs: StudyRunsView) -> Answer:
     lora = lora_accuracies(runs, task, r, seeds, config.lora_targets)
     full = full_accuracies(runs, task, seeds)
     test = equal_variance_test(lora, full)
-    numbers = {"task": task, "rank": r, "targets": config.lora_targets, "seeds": seeds, "lora": summary(lora),
+    numbers: dict[str, Any] = {"task": task, "rank": r, "targets": config.lora_targets, "seeds": seeds, "lora": summary(lora),
                "full": summary(full), "test": test}
     return Answer(
         key=KEY,
@@ -131,7 +131,7 @@ def plot(answer: Answer, figure) -> None:
     ax.set_xlim(-0.6, 1.6)
     ax.set_ylabel(f"validation accuracy ({numbers['task']})", fontsize=LABEL_PT)
     test = numbers["test"]
-    ax.set_title(f"{len(numbers['seeds'])} seeds each (points); mean, 95 % t interval (squares)\n"
+    ax.set_title(f"dots: {len(numbers['seeds'])} seeds each; squares: mean, 95 % t interval\n"
                  f"Brown–Forsythe p = {_p_text(test)}", fontsize=LABEL_PT)
     ax.tick_params(labelsize=TICK_PT)
     figure.set_layout_engine("constrained")

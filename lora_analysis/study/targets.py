@@ -118,6 +118,6 @@ def plot(answer: Answer, figure) -> None:
     ax.set_xticks(range(len(settings)), [f"{s['label']}\nr = {s['r']}, {s['parameters']:,} params" for s in settings])
     ax.set_xlim(-0.6, len(settings) - 0.4)
     ax.set_ylabel(f"validation accuracy ({numbers['task']})", fontsize=LABEL_PT)
-    ax.set_title(f"{len(numbers['seeds'])} seeds (points); mean, 95 % t interval (squares)", fontsize=LABEL_PT)
+    ax.set_title(f"dots: {len(numbers['seeds'])} seeds each; squares: mean, 95 % t interval", fontsize=LABEL_PT)
     ax.tick_params(labelsize=TICK_PT)
     figure.set_layout_engine("constrained")

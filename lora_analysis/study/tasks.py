@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -45,11 +45,11 @@ MAX_TASKS = 8  # the exact permutation test enumerates n! pairings
 def needed_rank(ranks: Sequence[int], lora: Sequence[Sequence[float]], full: Sequence[float]) -> tuple[int | None, list[dict]]:
     """(the smallest rank within one SE of full fine-tuning, or None; per rank
     {"rank", "difference", "se", "within"}). lora[i]: the accuracies over seeds at ranks[i]."""
-    rows = []
+    rows: list[dict] = []
     for r, values in zip(ranks, lora):
         w = welch(full, values)
         rows.append({"rank": int(r), "difference": w.difference, "se": w.se, "within": within_one_se(w.difference, w.se)})
-    within = [row["rank"] for row in sorted(rows, key=lambda row: row["rank"]) if row["within"]]
+    within = sorted(int(row["rank"]) for row in rows if row["within"])
     return (within[0] if within else None), rows
 
 
@@ -86,7 +86,7 @@ def answer(runs: StudyRunsView) -> Answer:
     start = time.perf_counter()
     config = runs.config
     ranks = sorted(config.ranks)
-    tasks = {}
+    tasks: dict[str, dict[str, Any]] = {}
     for task in config.tasks:
         full = full_accuracies(runs, task, config.seeds)
         lora = [lora_accuracies(runs, task, r, config.seeds, config.lora_targets) for r in ranks]
