@@ -374,3 +374,9 @@ def test_resize_curve_on_real_adapters_evaluates_as_evaluate_and_caches(tiny_run
     other.recipe = lambda task: replace(recipe, split_seed=recipe.split_seed + 1)  # type: ignore[method-assign]
     with pytest.raises(AssertionError, match="must read the cache"):
         resize_curve.answer(other)
+    # no rank trained below the source rank: the equivalence claim is untested, said so (from the cache)
+    alone = replace(config, ranks=(4,))
+    untested = resize_curve.answer(FakeRuns(alone, accuracies, tmp_path, cells=tiny_runs))
+    assert [v.verdict for v in untested.verdicts] == ["inconclusive at this sample size"]
+    assert untested.numbers["trained"] == [] and untested.numbers["resized"] == answer.numbers["resized"]
+    check_answer(untested, "resize_curve")

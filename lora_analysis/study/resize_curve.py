@@ -152,16 +152,24 @@ def answer(runs: StudyRunsView) -> Answer:
         source="the paper's Section 7.2 (the top directions of r = 8 and r = 64 adapters agree; r = 1 suffices on "
                "its tasks) and the resize tools built on it (kohya's resize_lora)",
         measurement=_measurement(numbers),
-        verdicts=[StudyVerdict(
-            t["verdict"],
-            f"equivalence of resized and trained-at-k accuracy: the {t['level']:.0%} Welch interval of the difference "
-            f"inside ±{t['margin']:g} (two one-sided tests at α = {ALPHA:g}); entirely outside: does not hold",
-            f"k = {t['rank']}: resized − trained = {t['difference']:+.4f} [{t['level']:.0%} interval {t['low']:+.4f}, "
-            f"{t['high']:+.4f}], n = {len(seeds)} seeds each",
-        ) for t in tests],
+        verdicts=_verdicts(tests, len(seeds)),
         numbers=numbers,
         seconds=time.perf_counter() - start,
     )
+
+
+def _verdicts(tests: list[dict], n: int) -> list[StudyVerdict]:
+    """One per rank trained below the source rank; without such a rank the claim is untested."""
+    if not tests:
+        return [StudyVerdict("inconclusive at this sample size", "no rank below the resized adapters' was trained",
+                             "no comparison: n = 0 ranks")]
+    return [StudyVerdict(
+        t["verdict"],
+        f"equivalence of resized and trained-at-k accuracy: the {t['level'] * 100:.0f} % Welch interval of the difference "
+        f"inside ±{t['margin']:g} (two one-sided tests at α = {ALPHA:g}); entirely outside: does not hold",
+        f"k = {t['rank']}: resized − trained = {t['difference']:+.4f} [{t['level'] * 100:.0f} % interval {t['low']:+.4f}, "
+        f"{t['high']:+.4f}], n = {n} seeds each",
+    ) for t in tests]
 
 
 def _measurement(numbers: dict) -> str:
