@@ -369,6 +369,10 @@ def test_resize_curve_on_real_adapters_evaluates_as_evaluate_and_caches(tiny_run
 
     monkeypatch.setattr("lora_analysis.training.resize_eval.rank_sweep", no_work)
     assert resize_curve.answer(runs).numbers == answer.numbers
+    # a recipe that differs only where evaluation does not look (training fields) reads the cache
+    trained_otherwise = FakeRuns(config, accuracies, tmp_path, cells=tiny_runs)
+    trained_otherwise.recipe = lambda task: replace(recipe, lr=1.0, steps=99, progress=True)  # type: ignore[method-assign]
+    assert resize_curve.answer(trained_otherwise).numbers == answer.numbers
     # another recipe (another validation split) is another key: recomputed, not read
     other = FakeRuns(config, accuracies, tmp_path, cells=tiny_runs)
     other.recipe = lambda task: replace(recipe, split_seed=recipe.split_seed + 1)  # type: ignore[method-assign]

@@ -21,7 +21,7 @@ Two readings, each with its rule:
       inconclusive   otherwise
 
 Resizing and evaluation are cached in `runs.cache_dir()/resize_curve/<task>/<cell>.json`, keyed
-by the adapter file's SHA-256, the recipe and the device type (bf16 autocast on CUDA changes the
+by the adapter files' SHA-256, the recipe's evaluation fields and the device type (bf16 autocast on CUDA changes the
 numbers), so a re-run evaluates only the ranks it has not seen.
 """
 
@@ -48,6 +48,10 @@ from .types import Answer, StudyRunsView, StudyVerdict
 KEY = "resize_curve"
 EQUIVALENCE_MARGIN = 0.01  # one accuracy point: about one seed-to-seed sd on the built-in tasks
 CACHE_FORMAT = "lora_analysis.study.resize_curve/1"
+# What `evaluate` reads of a recipe (the base model, the data and its validation split, the
+# batches): the cache key, so runtime fields (progress, output_dir, ...) do not invalidate it.
+EVALUATION_FIELDS = ("model", "task", "data", "text_column", "label_column", "labels", "val_fraction", "split_seed",
+                     "max_seq_len", "eval_batch_size")
 
 
 def equivalence(resized: Sequence[float], trained: Sequence[float], margin: float = EQUIVALENCE_MARGIN,
@@ -110,7 +114,8 @@ def _fingerprint(cell_dir: Path, recipe, device_type: str) -> str:
     digest = hashlib.sha256()
     for name in sorted(p.name for p in Path(cell_dir).iterdir() if p.name.startswith("adapter_")):
         digest.update(name.encode() + b"\0" + (Path(cell_dir) / name).read_bytes())
-    recipe_text = json.dumps(dataclasses.asdict(recipe), sort_keys=True, default=str)
+    fields = dataclasses.asdict(recipe)
+    recipe_text = json.dumps({name: fields[name] for name in EVALUATION_FIELDS}, sort_keys=True, default=str)
     digest.update(recipe_text.encode() + b"\0" + device_type.encode())
     return digest.hexdigest()
 

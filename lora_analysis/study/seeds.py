@@ -108,6 +108,16 @@ def within_one_se(difference: float, se: float) -> bool:
     return difference >= -se - BOUNDARY_SLACK * max(abs(difference), se)
 
 
+def draw_seeds(ax, x: float, group: dict, color: str) -> None:
+    """One setting of a `summary` at position x: each seed's value as a dot (left of x), the mean
+    with its t interval as a square with error bar (right of x)."""
+    values = np.asarray(group["values"])
+    spread = np.linspace(-0.06, 0.06, values.size) if values.size > 1 else np.zeros(1)
+    ax.plot(x - 0.14 + spread, values, "o", ms=3, color=color, alpha=0.8)
+    ax.errorbar([x + 0.14], [group["mean"]], yerr=[[group["mean"] - group["low"]], [group["high"] - group["mean"]]],
+                fmt="s", ms=4, capsize=3, color="0.2")
+
+
 def _sample(values: Sequence[float]) -> np.ndarray:
     x = np.asarray(values, dtype=float)
     if x.size < 2 or not np.all(np.isfinite(x)):

@@ -28,7 +28,7 @@ import numpy as np
 from ..analysis.stats import ALPHA
 from ..errors import LoraAnalysisError
 from ..plots import LABEL_PT, TEXT_WIDTH, TICK_PT
-from .seeds import full_accuracies, lora_accuracies, summary
+from .seeds import draw_seeds, full_accuracies, lora_accuracies, summary
 from .types import Answer, StudyRunsView, StudyVerdict
 
 KEY = "stability"
@@ -121,12 +121,8 @@ def plot(answer: Answer, figure) -> None:
     figure.set_size_inches(TEXT_WIDTH / 2, 2.6)
     ax = figure.subplots()
     groups = [(f"LoRA r = {numbers['rank']}", numbers["lora"]), ("full fine-tuning", numbers["full"])]
-    for i, (label, group) in enumerate(groups):
-        values = np.asarray(group["values"])
-        offsets = np.linspace(-0.12, 0.12, values.size) if values.size > 1 else np.zeros(1)
-        ax.plot(i - 0.1 + offsets, values, "o", ms=3.5, color=f"C{i}", alpha=0.8)
-        ax.errorbar([i + 0.22], [group["mean"]], yerr=[[group["mean"] - group["low"]], [group["high"] - group["mean"]]],
-                    fmt="s", ms=4, capsize=3, color="0.2")
+    for i, (_, group) in enumerate(groups):
+        draw_seeds(ax, i, group, f"C{i}")
     ax.set_xticks([0, 1], [label for label, _ in groups])
     ax.set_xlim(-0.6, 1.6)
     ax.set_ylabel(f"validation accuracy ({numbers['task']})", fontsize=LABEL_PT)

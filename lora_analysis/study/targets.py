@@ -28,13 +28,12 @@ import itertools
 import time
 from typing import Sequence
 
-import numpy as np
 
 from ..analysis.stats import ALPHA
 from ..errors import LoraAnalysisError
 from ..plots import LABEL_PT, TEXT_WIDTH, TICK_PT
 from ..training import cell_name
-from .seeds import holm, lora_accuracies, summary, welch
+from .seeds import draw_seeds, holm, lora_accuracies, summary, welch
 from .types import Answer, StudyRunsView, StudyVerdict
 
 KEY = "targets"
@@ -111,10 +110,7 @@ def plot(answer: Answer, figure) -> None:
     figure.set_size_inches(TEXT_WIDTH / 2, 2.6)
     ax = figure.subplots()
     for i, s in enumerate(settings):
-        values = np.asarray(s["values"])
-        ax.plot(np.full(values.size, i - 0.12), values, "o", ms=3, color=f"C{i}", alpha=0.7)
-        ax.errorbar([i + 0.12], [s["mean"]], yerr=[[s["mean"] - s["low"]], [s["high"] - s["mean"]]], fmt="s", ms=4,
-                    capsize=3, color="0.2")
+        draw_seeds(ax, i, s, f"C{i}")
     ax.set_xticks(range(len(settings)), [f"{s['label']}\nr = {s['r']}, {s['parameters']:,} params" for s in settings])
     ax.set_xlim(-0.6, len(settings) - 0.4)
     ax.set_ylabel(f"validation accuracy ({numbers['task']})", fontsize=LABEL_PT)
