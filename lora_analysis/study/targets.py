@@ -28,7 +28,6 @@ import itertools
 import time
 from typing import Sequence
 
-
 from ..analysis.stats import ALPHA
 from ..errors import LoraAnalysisError
 from ..plots import LABEL_PT, TEXT_WIDTH, TICK_PT
