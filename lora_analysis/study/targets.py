@@ -110,7 +110,7 @@ def plot(answer: Answer, figure) -> None:
     ax = figure.subplots()
     for i, s in enumerate(settings):
         draw_seeds(ax, i, s, f"C{i}")
-    ax.set_xticks(range(len(settings)), [f"{s['label']}\nr = {s['r']}, {s['parameters']:,} params" for s in settings])
+    ax.set_xticks(range(len(settings)), [f"{s['label']}\nr = {s['r']}\n{s['parameters']:,} params" for s in settings])
     ax.set_xlim(-0.6, len(settings) - 0.4)
     ax.set_ylabel(f"validation accuracy ({numbers['task']})", fontsize=LABEL_PT)
     ax.set_title(f"dots: {len(numbers['seeds'])} seeds each; squares: mean, 95 % t interval", fontsize=LABEL_PT)

@@ -142,7 +142,8 @@ def plot(answer: Answer, figure) -> None:
     full fine-tuning's mean and interval as a line and band, the needed rank marked."""
     numbers = answer.numbers
     tasks = numbers["tasks"]
-    figure.set_size_inches(TEXT_WIDTH, 2.5)
+    figure.set_size_inches(TEXT_WIDTH, 2.8)
+    figure.set_layout_engine("constrained")  # before the legend: "outside" places it in the layout
     axes = figure.subplots(1, len(tasks), squeeze=False)[0]
     n = len(numbers["seeds"])
     for ax, (task, t) in zip(axes, tasks.items()):
@@ -151,17 +152,21 @@ def plot(answer: Answer, figure) -> None:
         errors = np.array([[row["mean"] - row["low"] for row in t["lora"]], [row["high"] - row["mean"] for row in t["lora"]]])
         full = t["full"]
         ax.axhspan(full["low"], full["high"], color="0.85", lw=0)
-        ax.axhline(full["mean"], color="0.3", lw=1, label="full fine-tuning")
+        ax.axhline(full["mean"], color="0.3", lw=1, label="full fine-tuning (band: 95 % t interval)")
         ax.errorbar(ranks, means, yerr=errors, marker="o", ms=3, lw=1, capsize=2, color="C0", label="LoRA")
         if t["needed_rank"] is not None:
             ax.plot([t["needed_rank"]], [means[ranks.index(t["needed_rank"])]], marker="*", ms=9, color="C3", lw=0,
-                    label="needed rank")
+                    label="needed rank: smallest within 1 SE of full")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.minorticks_off()
-        ax.set_title(f"{task} (needs {_rank_text(t['needed_rank'], ranks)})", fontsize=LABEL_PT)
+        needs = f"r = {t['needed_rank']}" if t["needed_rank"] is not None else f"r > {max(ranks)}"
+        ax.set_title(f"{task}: needs {needs}", fontsize=LABEL_PT)
         ax.set_xlabel("LoRA rank r", fontsize=LABEL_PT)
         ax.tick_params(labelsize=TICK_PT)
     axes[0].set_ylabel(f"validation accuracy\n(mean over {n} seeds, 95 % t interval)", fontsize=LABEL_PT)
-    axes[0].legend(fontsize=TICK_PT, frameon=False, loc="lower right")
-    figure.set_layout_engine("constrained")
+    handles = {}  # one legend for all panels: the needed-rank star may be in any of them
+    for ax in axes:
+        handles |= dict(zip(*reversed(ax.get_legend_handles_labels())))
+    figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=len(handles), fontsize=TICK_PT,
+                  frameon=False)
