@@ -8,6 +8,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import depth, full_ft_spectrum, lora_vs_full
+from . import depth, full_ft_spectrum, lora_vs_full, resize_curve, stability, targets, tasks
 
-QUESTIONS: tuple[ModuleType, ...] = (full_ft_spectrum, lora_vs_full, depth)
+QUESTIONS: tuple[ModuleType, ...] = (full_ft_spectrum, lora_vs_full, depth, tasks, stability, targets, resize_curve)
