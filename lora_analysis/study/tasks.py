@@ -165,7 +165,7 @@ def plot(answer: Answer, figure) -> None:
         ax.set_xlabel("LoRA rank r", fontsize=LABEL_PT)
         ax.tick_params(labelsize=TICK_PT)
     axes[0].set_ylabel(f"validation accuracy\n(mean over {n} seeds, 95 % t interval)", fontsize=LABEL_PT)
-    handles = {}  # one legend for all panels: the needed-rank star may be in any of them
+    handles: dict[str, Any] = {}  # one legend for all panels: the needed-rank star may be in any of them
     for ax in axes:
         handles |= dict(zip(*reversed(ax.get_legend_handles_labels())))
     figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=len(handles), fontsize=TICK_PT,
