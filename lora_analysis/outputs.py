@@ -23,9 +23,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .errors import InputFileError, shown
+from .errors import InputFileError, LoraAnalysisError, shown
 from .fileio import atomic_write_bytes, atomic_write_text
 
 PathLike = str | os.PathLike
@@ -109,6 +109,37 @@ def _check_one(option: str, path: Path, protected: _Inputs, force: bool, directo
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
         raise OutputError(path, f"{option}: the folder {shown(parent)} {what}; outputs never create folders")
+
+
+def check_results_dir(out: Path, record: Mapping[str, Any], previous: Callable[[Path], Mapping[str, Any] | None],
+                      names: Sequence[str], what: str, force: bool = False) -> None:
+    """Refuse, before any work starts, to write a results folder (figures, results.json, README)
+    over a user's files: the rule `reproduce` and `study` share.
+
+    `out` may be missing, empty, hold none of `names`, or hold a previous `what` being updated:
+    `previous(out)` (its record read from its results.json, None when it is not one) equals
+    `record` on every key but "quick", and is not a full run that a quick one
+    (`record["quick"]`) would replace. `force` writes anyway.
+    """
+    if out.exists() and not out.is_dir():
+        raise LoraAnalysisError(f"{out}: exists and is not a directory")
+    if force or not out.exists():
+        return
+    earlier = previous(out)
+    if earlier is not None:
+        if record["quick"] and not earlier.get("quick", False):
+            raise LoraAnalysisError(f"{out}: holds a full {what}; a --quick run would replace it with a first look "
+                                    f"(choose another --out, or --force)")
+        for key in record.keys() - {"quick"}:
+            if earlier.get(key, record[key]) != record[key]:
+                raise LoraAnalysisError(f"{out}: holds a {what} with {key} {earlier[key]!r}, not {record[key]!r} "
+                                        f"(choose another --out, or --force)")
+        return
+    clashes = [name for name in names if (out / name).exists()]
+    if clashes:
+        raise LoraAnalysisError(
+            f"{out}: not the output of a previous {what}, and writing would replace {', '.join(clashes[:4])}"
+            f"{', ...' if len(clashes) > 4 else ''} (choose another --out, or --force)")
 
 
 def write_output(path: PathLike, data: str | bytes, *, force: bool = False) -> None:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..analysis.nulls import phi_column_null
 from ..errors import LoraAnalysisError
 from ..fileio import atomic_write_text, read_json
+from ..outputs import check_results_dir
 from ..plots import COLUMN_WIDTH, TEXT_WIDTH, PhiPanel, PhiScale, phi_figure, save_figure
 from ..report.tables import markdown_table
 from .claims import PAPER_AMPLIFICATION, SHARED_TOP, section7_claims, shared_top
@@ -75,33 +76,10 @@ def render_all(s7: Section7, out: Path, command: str, progress: bool = True) -> 
 
 
 def check_output_dir(out: Path, record: dict, force: bool = False) -> None:
-    """Refuse to overwrite a user's files before any work starts.
-
-    `out` may be missing, empty, hold none of the names in `OUTPUT_FILES`, or be a previous
-    reproduction being updated: same model and data (`record`'s "model", "data"), and not a full
-    run that a quick one (`record["quick"]`) would replace. `force` writes anyway.
-    """
-    if out.exists() and not out.is_dir():
-        raise LoraAnalysisError(f"{out}: exists and is not a directory")
-    if force or not out.exists():
-        return
-    previous = _previous_reproduction(out)
-    if previous is not None:
-        if record["quick"] and not previous.get("quick", False):
-            raise LoraAnalysisError(
-                f"{out}: holds a full reproduction; a --quick run would replace it with a first look "
-                f"(choose another --out, or --force)")
-        for key in ("model", "data"):
-            if previous.get(key, record[key]) != record[key]:
-                raise LoraAnalysisError(
-                    f"{out}: holds a reproduction with {key} {previous[key]!r}, not {record[key]!r} "
-                    f"(choose another --out, or --force)")
-        return
-    clashes = [name for name in OUTPUT_FILES if (out / name).exists()]
-    if clashes:
-        raise LoraAnalysisError(
-            f"{out}: not the output of a previous reproduction, and writing would replace {', '.join(clashes[:4])}"
-            f"{', ...' if len(clashes) > 4 else ''} (choose another --out, or --force)")
+    """Refuse to overwrite a user's files before any work starts (`outputs.check_results_dir`):
+    `out` may hold a previous reproduction of the same model and data (`record`), never one
+    that a quick run would replace, or none of `OUTPUT_FILES`. `force` writes anyway."""
+    check_results_dir(out, record, _previous_reproduction, OUTPUT_FILES, "reproduction", force)
 
 
 def output_record(config) -> dict:

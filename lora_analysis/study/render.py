@@ -8,7 +8,7 @@
                                        the measurement, the verdicts with their rules, the figure;
                                        then where the time went
 
-Output rules as `reproduce.render.check_output_dir`: `out` may be new, empty, or a previous study
+Output rules as `outputs.check_results_dir` (shared with `reproduce`): `out` may be new, empty, or a previous study
 of the same model and tasks (its files are replaced; a full study only by another full one);
 anything else holding files of the study's names is refused unless `force`.
 """
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LoraAnalysisError
 from ..fileio import atomic_write_text, dumps_json, read_json
+from ..outputs import check_results_dir
 from ..report.build import json_ready
 from ..report.tables import markdown_table
 from .config import StudyConfig
@@ -48,25 +49,7 @@ def study_record(config: StudyConfig) -> dict[str, Any]:
 
 def check_output_dir(out: Path, record: dict[str, Any], questions: Sequence[ModuleType], force: bool = False) -> None:
     """Refuse, before any work, to write over files the study did not write (see the module doc)."""
-    if out.exists() and not out.is_dir():
-        raise LoraAnalysisError(f"{out}: exists and is not a directory")
-    if force or not out.exists():
-        return
-    previous = _previous_study(out)
-    if previous is not None:
-        if record["quick"] and not previous.get("quick", False):
-            raise LoraAnalysisError(f"{out}: holds a full study; a --quick run would replace it with a first look "
-                                    f"(choose another --out, or --force)")
-        for key in ("model", "tasks"):
-            if previous.get(key, record[key]) != record[key]:
-                raise LoraAnalysisError(f"{out}: holds a study with {key} {previous[key]!r}, not {record[key]!r} "
-                                        f"(choose another --out, or --force)")
-        return
-    clashes = [name for name in output_files(questions) if (out / name).exists()]
-    if clashes:
-        raise LoraAnalysisError(
-            f"{out}: not the output of a previous study, and writing would replace {', '.join(clashes[:4])}"
-            f"{', ...' if len(clashes) > 4 else ''} (choose another --out, or --force)")
+    check_results_dir(out, record, _previous_study, output_files(questions), "study", force)
 
 
 def _previous_study(out: Path) -> dict[str, Any] | None:
