@@ -16,12 +16,14 @@ cancels to noise when E is small), column block by column block so E is never wh
 The sketch's quality (its width, the power iterations, float32 on the device) only decides how
 tight the bound is, never whether it holds: Q is re-orthonormalized and B, E computed in float64.
 Float64 rounding of these products (inner dimension ≤ max(m, n)) is covered by widening every
-interval by `rounding` = max(m, n)·eps·‖A‖_F.
+interval by `rounding` = (m + n)·eps·‖A‖_F (products of inner dimension ≤ max(m, n), and the
+SVD of B, each accurate to a few eps·‖A‖ per dimension).
 
 The sketch grows (l doubles from `SvdOptions.sketch`) until residual ≤ rtol·‖A‖_F. Where it
 cannot get there (it would pass `max_sketch_fraction`·min(m, n) columns, beyond which it is no
 longer cheaper, or the spectrum's flat tail, a noise floor, would need more: `_worth_growing`),
-"auto" falls back to the exact SVD and "randomized" stops and states the bound it reached.
+"auto" falls back to the exact SVD and "randomized" stops and states the bound it reached
+(it never grows past that width either).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ SVD_METHODS: tuple[str, ...] = ("auto", "exact", "randomized")
 class SvdOptions:
     """How a formed ΔW: (m, n) is decomposed.
 
-    method: "exact" (LAPACK, float64), "randomized" (the bound of the module doc), or "auto":
+    method: "exact" (LAPACK, float64), "randomized" (the bound of the module doc, whatever it
+        reaches within max_sketch_fraction·min(m, n) columns), or "auto":
         exact when min(m, n) < `min_dim`, else randomized unless its sketch must grow past
         `max_sketch_fraction`·min(m, n) to reach `rtol` (then exact).
     rtol: stop growing the sketch once ‖E‖_F ≤ rtol·‖ΔW‖_F (so every σᵢ² is known within
@@ -83,7 +86,7 @@ class DenseSVD:
     """A formed M: (m, n) ≈ U diag(S) Vᵀ, U: (m, k), S: (k,) float64 descending, V: (n, k).
 
     exact: a full LAPACK SVD (k = min(m, n), residual 0). Otherwise S = σ(B) of the sketch
-    (k = l ≤ min(m, n)), U = Q U_B, V = V_B, residual = ‖(I − QQᵀ)M‖_F, rounding = max(m, n)·eps·‖M‖_F,
+    (k = l ≤ min(m, n)), U = Q U_B, V = V_B, residual = ‖(I − QQᵀ)M‖_F, rounding = (m + n)·eps·‖M‖_F,
     frobenius = ‖M‖_F (direct): each true σᵢ ∈ [S[i] − rounding, √(S[i]² + residual²) + rounding],
     σ_{k+1}, … ≤ residual + rounding (module doc)."""
 
@@ -110,31 +113,28 @@ def dense_svd(M: torch.Tensor, svd: SvdOptions | SvdMethod | None = None,
     small = min(M.shape)
     if options.method == "exact" or (options.method == "auto" and small < options.min_dim):
         return exact_svd(M)
-    limit = small if options.method == "randomized" else max(1, int(options.max_sketch_fraction * small))
     width = min(max(options.sketch, options.min_rank + 10), small)
+    limit = max(width, int(options.max_sketch_fraction * small))
     A = M.to(device=torch.device(device), dtype=torch.float64)
     A32 = A.float()  # the sketch's products (twice the float64 speed on CPUs, tensor cores on GPUs)
     norm = frobenius(A)
-    rounding = max(M.shape) * torch.finfo(torch.float64).eps * norm
-    previous = None
+    rounding = (M.shape[0] + M.shape[1]) * torch.finfo(torch.float64).eps * norm
     while True:
         result = _sketched_svd(A, A32, width, options, norm, rounding)
         target = max(options.rtol * norm, rounding)
         if result.residual <= target:
             return result
-        if width >= limit or not _worth_growing(result, previous, limit, target):
+        if width >= limit or not _worth_growing(result, limit, target):
             return exact_svd(M) if options.method == "auto" else result
-        previous, width = result, min(2 * width, limit)
+        width = min(2 * width, limit)
 
 
-def _worth_growing(result: DenseSVD, previous: DenseSVD | None, limit: int, target: float) -> bool:
-    """Whether a wider sketch could plausibly reach `target` (a forecast for the work, never for
-    the bound): the σ beyond the sketch are at most about σ_l, so widening from l to `limit`
-    removes at most (limit − l)·σ_l² of the residual²; and the last doubling must have removed at
-    least half of it — a tail it barely dents is a flat noise floor only the exact SVD resolves."""
+def _worth_growing(result: DenseSVD, limit: int, target: float) -> bool:
+    """Whether a sketch of `limit` columns could plausibly reach `target` (a forecast for the
+    work, never for the bound): the σ beyond the sketch are at most about σ_l, so widening from l
+    to `limit` removes at most (limit − l)·σ_l² of the residual². A flat tail (a noise floor)
+    fails this at once: only the exact SVD resolves it."""
     width, last = result.S.numel(), float(result.S[-1])
-    if previous is not None and result.residual**2 > 0.5 * previous.residual**2:
-        return False
     return result.residual**2 - (limit - width) * last**2 <= target**2
 
 

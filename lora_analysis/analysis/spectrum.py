@@ -250,7 +250,7 @@ class ModuleSpectrum:
         if self.exact:
             return self.S, self.S
         lower = (self.S - self.rounding).clamp_min(0.0)
-        return lower, torch.sqrt(self.S**2 + self.residual**2) + self.rounding
+        return lower, torch.hypot(self.S, torch.tensor(self.residual, dtype=self.S.dtype)) + self.rounding  # no under/overflow
 
     def metrics(self, taus: Sequence[float] = DEFAULT_TAUS) -> "RankMetrics":
         """`rank_metrics` of S with this spectrum's tolerance; for a randomized spectrum that is
