@@ -149,7 +149,9 @@ def analyze_adapter(
             if options.intruders is None and not options.wants_intruders(spectrum.shape):
                 skipped.append(name)
             W = weights.pop(name) if name in weights else base.weight(name, adapter.info(name))
-            _compare_with_weight(result, W.to(device=spectrum.device, dtype=spectrum.dtype), options)
+            W = W.to(device=spectrum.device, dtype=spectrum.dtype)  # rebound: the float32 read is not kept too
+            _compare_with_weight(result, W, options)
+            del W
         if not options.keep_vectors:
             spectrum.release_vectors()
         trim()

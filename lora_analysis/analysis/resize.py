@@ -76,7 +76,9 @@ class RankRule:
             return int(np.count_nonzero(S[:rank] / S[0] >= (1.0 - THRESHOLD_SLACK) / self.value))
         tau = self.value if self.kind == "energy" else self.value**2
         if spectrum.resolved:
-            return rank_metrics(S, [tau], spectrum.tolerance).energy_rank[tau]
+            exact = rank_metrics(S, [tau], spectrum.tolerance).energy_rank[tau]
+            assert exact is not None  # rank_metrics of a whole spectrum gives every rank
+            return exact
         # randomized: the smallest k whose truncation of Q·B keeps τ of ‖ΔW‖²_F (= Σσ(B)² + residual²)
         ratio = S[:rank] / S[0]
         kept = np.cumsum(ratio**2) / (np.square(S / S[0]).sum() + (spectrum.residual / S[0]) ** 2)

@@ -344,7 +344,8 @@ def rank_metrics(S: torch.Tensor | np.ndarray, taus: Sequence[float] = DEFAULT_T
     energy = ratio**2
     total = energy.sum()
     cumulative = np.cumsum(energy)
-    energy_rank = {float(t): int(np.searchsorted(cumulative, t * total * (1 - THRESHOLD_SLACK)) + 1) for t in taus}
+    energy_rank: dict[float, int | None] = {
+        float(t): int(np.searchsorted(cumulative, t * total * (1 - THRESHOLD_SLACK)) + 1) for t in taus}
     return RankMetrics(
         frobenius=_times(peak, math.sqrt(float(total)), "‖ΔW‖_F"),
         sigma_max=peak,
@@ -457,7 +458,9 @@ def _spectra_stream(modules: Iterable[tuple[str, Update]], device: torch.device,
         if isinstance(form, LowRankForm):
             batch.append((name, update, form))
         else:
-            yield name, _checked(name, _single_factorization(name, form, svd, device), update.info)
+            info, factorization = update.info, _single_factorization(name, form, svd, device)
+            del update, form  # a dense ΔW is not kept alive while the consumer works on its spectrum
+            yield name, _checked(name, factorization, info)
     yield from _flush(batch, device, dtype)
 
 
@@ -590,13 +593,23 @@ def _factorize(form: Form) -> _Factorization:
 
 
 def _dense(form: DenseForm, svd: SvdOptions, device: torch.device) -> _Factorization:
-    M, exponent = normalized(form.M, torch.float64)
+    M, exponent = _normalized_dense(form.M)
     result = dense_svd(M, svd, device)
     del M
     return _Factorization(
         result.S, form.scale.times(1.0, exponent), max(form.shape) * torch.finfo(torch.float64).eps,
         lambda: (result.U, None), lambda: (result.V, None), torch.float64, torch.device("cpu"), svd=result,
     )
+
+
+def _normalized_dense(M: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(M·2**-e in float64, e) for the SVD: a float64 M whose largest entry is within 2**±256 is
+    taken as is (e = 0, no copy: IEEE arithmetic is exactly equivariant under powers of two away
+    from over- and underflow, which that range keeps far off); else a normalized copy."""
+    exponent = peak_exponent(M)
+    if M.dtype == torch.float64 and abs(exponent) <= 256:
+        return M, 0
+    return normalized(M, torch.float64)
 
 
 def _kronecker(form: KroneckerForm) -> _Factorization:

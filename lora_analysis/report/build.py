@@ -164,7 +164,7 @@ def svd_entry(result: "ModuleAnalysis", taus: Sequence[float]) -> SvdReport:
     norm = result.metrics.frobenius
     lower, upper = (None, None) if spectrum.exact else ([float(x) for x in b] for b in spectrum.bounds())
     return {
-        "method": spectrum.method,
+        "method": "exact" if spectrum.exact else "randomized",
         "sketch": spectrum.sketch,
         "residual": spectrum.residual,
         "relative_residual": spectrum.residual / norm if norm else 0.0,

@@ -88,7 +88,7 @@ def _group_table(title: str, key: str, groups: Sequence[GroupSummary], taus: Seq
 def _recommendation_table(recommendation: Sequence[Recommendation]) -> Table:
     columns = ["energy kept", "params now", "params at recommended ranks", "saving", "saving %"]
     rows = [[percent(r["energy"]), fmt(r["parameters"]), fmt(r["recommended_parameters"]), fmt(r["saving"]),
-             f"{100 * r['saving_fraction']:.1f}%"] for r in recommendation]
+             MISSING if r["saving_fraction"] is None else f"{100 * r['saving_fraction']:.1f}%"] for r in recommendation]
     notes = ["each module cut to the smallest rank keeping that share of its energy Σσ² (the r@τ columns)"]
     return Table("Rank recommendation", columns, rows, [False, True, True, True, True], notes)
 
@@ -103,7 +103,7 @@ def _module_table(report: AnalyzeReport, taus: Sequence[float]) -> Table:
     columns += ["SVD"] if randomized else []
     rows = []
     for name, m in modules.items():
-        bounds = m.get("svd", {}).get("intervals") or {}
+        bounds: dict = dict(m.get("svd", {}).get("intervals") or {})
 
         def cell(key: str, digits: int = 4, tau: str | None = None) -> str:
             value = m[key] if tau is None else m[key][tau]  # type: ignore[literal-required]
@@ -151,8 +151,8 @@ def _interval(interval: Sequence[float | int | None], digits: int) -> str:
 
 def _svd_cell(module: ModuleReport) -> str:
     """Which SVD gave a module's spectrum, and its bound: "exact", or "randomized l=256, ‖E‖/‖ΔW‖ 3.1e-05"."""
-    svd = module.get("svd")
-    if svd is None or svd["method"] == "exact":
+    svd: dict = dict(module.get("svd") or {})  # absent in reports written before schema 2.1
+    if svd.get("method", "exact") == "exact":
         return "exact"
     return f"randomized l={svd['sketch']}, ‖E‖/‖ΔW‖ {fmt(svd['relative_residual'], 2)}"
 
