@@ -116,7 +116,7 @@ def dense_svd(M: torch.Tensor, svd: SvdOptions | SvdMethod | None = None,
     width = min(max(options.sketch, options.min_rank + 10), small)
     limit = max(width, int(options.max_sketch_fraction * small))
     A = M.to(device=torch.device(device), dtype=torch.float64)
-    A32 = A.float()  # the sketch's products (twice the float64 speed on CPUs, tensor cores on GPUs)
+    A32 = _sketch_copy(A)
     norm = frobenius(A)
     rounding = (M.shape[0] + M.shape[1]) * torch.finfo(torch.float64).eps * norm
     while True:
@@ -136,6 +136,19 @@ def _worth_growing(result: DenseSVD, limit: int, target: float) -> bool:
     fails this at once: only the exact SVD resolves it."""
     width, last = result.S.numel(), float(result.S[-1])
     return result.residual**2 - (limit - width) * last**2 <= target**2
+
+
+def _sketch_copy(A: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """A·2**-e in float32, largest entry in [0.5, 1) (no float32 over- or underflow whatever A's
+    magnitude), a block of rows at a time: the matrix the sketch multiplies (twice the float64
+    speed on CPUs, tensor cores on GPUs). Q is the same for any positive multiple of A."""
+    low, high = torch.aminmax(A)
+    peak = max(-float(low), float(high))
+    scale = 2.0 ** -math.frexp(peak)[1] if peak else 1.0
+    A32 = torch.empty(A.shape, dtype=torch.float32, device=A.device)
+    for i in range(0, A.shape[0], block):
+        A32[i:i + block] = A[i:i + block] * scale
+    return A32
 
 
 def exact_svd(M: torch.Tensor) -> DenseSVD:
