@@ -55,8 +55,8 @@ from ..adapters.updates import (
 )
 from ..config import BASIS_KINDS, BasisKind
 from ..devices import resolve_device
-from .dense_svd import DenseSVD, SvdMethod, SvdOptions, dense_svd, svd_options
 from ..errors import InputFileError, LoraAnalysisError, shown
+from .dense_svd import DenseSVD, SvdMethod, SvdOptions, dense_svd, svd_options
 
 DEFAULT_TAUS: tuple[float, ...] = (0.9, 0.99)
 FLOAT64_TINY = float(np.finfo(np.float64).tiny)  # smallest normal float64
@@ -230,7 +230,7 @@ class ModuleSpectrum:
 
     @property
     def method(self) -> str:
-        """"exact" or "randomized": which SVD computed S."""
+        """Which SVD computed S: "exact" or "randomized"."""
         return "exact" if self.exact else "randomized"
 
     @property
