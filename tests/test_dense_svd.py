@@ -220,3 +220,12 @@ def test_minilm_stays_on_the_exact_route(tmp_path, capsys):
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1]
     assert all(m["svd"]["method"] == "exact" for m in json.loads(outputs[0])["modules"].values())
+
+
+def test_extract_cli_says_which_svd_and_leaves_the_numerical_rank_open(pair, tmp_path, capsys):
+    ft, base = pair
+    assert main(["extract", str(ft), "--base", str(base), "--rank", "4", "--svd", "randomized", "--modules", "*",
+                 "-o", str(tmp_path / "out"), "--format", "json", "--quiet"]) == 0
+    rows = json.loads(capsys.readouterr().out)["modules"]
+    assert rows and all(r["svd"] == "randomized" and r["svd_residual"] > 0 and r["numerical_rank"] is None and r["rank"] == 4
+                        for r in rows)

@@ -97,7 +97,7 @@ class RankRule:
 @dataclass(frozen=True)
 class ModuleResize:
     """One module's cut. rank_before: the input's r (None where the kind has none, e.g. dense);
-    numerical_rank: of ΔW; rank: k kept; frobenius: ‖ΔW‖_F; error: ‖ΔW − ΔW_k‖_F = √Σ_{i>k}σᵢ²;
+    numerical_rank: of ΔW (None where a randomized SVD leaves it open); rank: k kept; frobenius: ‖ΔW‖_F; error: ‖ΔW − ΔW_k‖_F = √Σ_{i>k}σᵢ²;
     energy_kept: Σ_{i≤k}σᵢ² / Σσᵢ²; parameters_before / _after: the input's and k·(d_out + d_in);
     svd: "exact" or "randomized" (then error and energy_kept are those of the truncation written,
     exact, and svd_residual = ‖(I − QQᵀ)ΔW‖_F bounds its excess over the optimum: `truncation`)."""
@@ -106,7 +106,7 @@ class ModuleResize:
     kind: str
     shape: tuple[int, int]
     rank_before: int | None
-    numerical_rank: int
+    numerical_rank: int | None
     rank: int
     frobenius: float
     error: float
@@ -207,7 +207,8 @@ def resize_adapter(
         info = adapter.info(name)
         k = rule.rank(spectrum)
         B, A, error, kept = truncation(spectrum, k)
-        cuts[name] = ModuleResize(name, info.kind, info.shape, info.r, spectrum.numerical_rank, k,
+        numerical_rank = spectrum.numerical_rank if spectrum.resolved else None  # the sketch's count is not ΔW's
+        cuts[name] = ModuleResize(name, info.kind, info.shape, info.r, numerical_rank, k,
                                   spectrum.frobenius_norm, error, kept, info.parameters, k * sum(info.shape),
                                   spectrum.method, spectrum.residual)
         spectrum.release_vectors()

@@ -381,7 +381,7 @@ def _render(result: ResizeResult, source: str, fmt: str, evaluations: tuple[Eval
         return dumps_json(document, indent=2) + "\n"
     header = ["module", "shape", "r before", "num. rank", "r", "‖ΔW‖_F", "‖ΔW−ΔW_k‖_F", "rel. error", "energy kept", "params"]
     lines = [[r["module"], "×".join(map(str, r["shape"])), "—" if r["rank_before"] is None else str(r["rank_before"]),
-              str(r["numerical_rank"]), str(r["rank"]), f"{r['frobenius']:.6g}", f"{r['error']:.6g}",
+              "—" if r["numerical_rank"] is None else str(r["numerical_rank"]), str(r["rank"]), f"{r['frobenius']:.6g}", f"{r['error']:.6g}",
               f"{r['relative_error']:.4g}", f"{100 * r['energy_kept']:.4f}%", f"{r['parameters_before']:,} → {r['parameters_after']:,}"]
              for r in rows]
     randomized = any(r["svd"] == "randomized" for r in rows)
