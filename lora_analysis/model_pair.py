@@ -133,7 +133,7 @@ class ModelPair:
         """ΔW = W_ft − W₀ of matched module `name` (the fine-tuned checkpoint's name), in float64,
         (d_out, d_in) as stored."""
         W_ft = self.finetuned.weight(name).to(torch.float64)
-        W_ft -= self.base.weight(self.matched[name]).to(torch.float64)
+        W_ft -= self.base.weight(self.matched[name])  # W₀ converted element by element: no float64 copy of it
         return W_ft
 
     def info(self, name: str) -> UpdateInfo:

@@ -103,7 +103,7 @@ def test_analyze_report_matches_float64_oracle(schema):
     adapter = make_adapter()
     report = analyze_report(analyze_adapter(adapter, progress=False), adapter)
     validate(report, schema)
-    assert report["schema_version"] == "2.0" and report["kind"] == "analyze"
+    assert report["schema_version"] == "2.1" and report["kind"] == "analyze"
     assert list(report["modules"]) == list(SIGMAS)  # keyed by the adapter's module paths, in order
     for name, module in adapter.items():
         entry, expected = report["modules"][name], oracle(module)

@@ -82,6 +82,8 @@ RECORDS = {
     "IntrudersReport": "#/$defs/base_report/properties/intruders",
     "BaseReport": "#/$defs/base_report",
     "ModuleReport": "#/$defs/module_report",
+    "SvdReport": "#/$defs/svd_report",
+    "SvdIntervals": "#/$defs/svd_report/properties/intervals",
     "GroupSummary": "#/$defs/group_summary",
     "Summary": "#/$defs/analyze_report/properties/summary",
     "Recommendation": "#/$defs/analyze_report/properties/recommendation/items",

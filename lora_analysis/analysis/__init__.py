@@ -2,7 +2,9 @@
 
 - spectrum: exact thin SVD of every module's ΔW from its update's factored form (LoRA's s·B·A,
   AdaLoRA, Tucker, LoHa, LoKr, DoRA, dense; `module_spectrum`, `adapter_spectra`, `iter_spectra`
-  → `ModuleSpectrum`), rank metrics on σ/σ₁ (`rank_metrics` → `RankMetrics`), `dense_svd`.
+  → `ModuleSpectrum`), rank metrics on σ/σ₁ (`rank_metrics` → `RankMetrics`).
+- dense_svd: the SVD of a formed ΔW (full fine-tuning): exact LAPACK, or randomized with a
+  deterministic a-posteriori bound on every σ (`dense_svd`, `SvdOptions`: auto / exact / randomized).
 - similarity: φ grids (`subspace_similarity`), bases "A" / "B" / "dW-left" / "dW-right"
   (`ModuleSpectrum.basis`), comparisons of modules, adapters and layers, chance level.
 - projection: W's SVD (`weight_svd`, cached), Table 7 (`projection_norms`), Figure 8 (`phi_vs_weight`).
@@ -18,6 +20,7 @@ Random references (random subspaces, sketches) are drawn with `seeding.seeded_ge
 from ..config import BASIS_KINDS, BasisKind
 from ..seeding import random_basis, seeded_generator
 from .analyze import AdapterAnalysis, AnalysisOptions, ModuleAnalysis, adapter_notes, analyze_adapter
+from .dense_svd import SVD_METHODS, DenseSVD, SvdOptions, dense_svd
 from .intruders import Intruders, intruder_dimensions
 from .projection import (
     ProjectionNorms,
@@ -46,14 +49,14 @@ from .similarity import (
 from .spectrum import (
     DEFAULT_TAUS,
     Basis,
-    DenseSVD,
+    MetricIntervals,
     ModuleSpectrum,
     RankMetrics,
     adapter_spectra,
-    dense_svd,
     iter_spectra,
     module_spectrum,
     rank_metrics,
+    rank_metrics_bounded,
 )
 
 __all__ = [
@@ -68,6 +71,7 @@ __all__ = [
     "DenseSVD",
     "Intruders",
     "LayerComparison",
+    "MetricIntervals",
     "ModuleAnalysis",
     "ModuleResize",
     "ModuleSpectrum",
@@ -75,6 +79,8 @@ __all__ = [
     "RankMetrics",
     "RankRule",
     "ResizeResult",
+    "SVD_METHODS",
+    "SvdOptions",
     "WeightSpectrum",
     "adapter_notes",
     "adapter_spectra",
@@ -97,6 +103,7 @@ __all__ = [
     "random_basis",
     "random_reference_grid",
     "rank_metrics",
+    "rank_metrics_bounded",
     "resize_adapter",
     "seeded_generator",
     "subspace_similarity",

@@ -14,6 +14,7 @@ from ..adapters import Adapter, Update
 from ..base_weights import BaseWeights
 from ..errors import LoraAnalysisError
 from .heap import HeapTrimmer
+from .dense_svd import SvdMethod, SvdOptions
 from .intruders import Intruders, intruder_dimensions
 from .projection import ProjectionNorms, WeightSpectrum, phi_vs_weight, projection_norms, weight_svd
 from .spectrum import DEFAULT_TAUS, ModuleSpectrum, RankMetrics, iter_spectra, with_progress
@@ -35,6 +36,10 @@ class AnalysisOptions:
         exact_max_dim: W's SVD is exact when min(d_out, d_in) ≤ this, else randomized.
         cache, cache_dir: W's SVD is cached on disk (`weight_svd`).
     device: where the spectra are computed ("auto": CUDA when present).
+    svd: how dense ΔW (full fine-tuning) are decomposed: "auto" (exact LAPACK below 2048 on the
+        short side, else randomized with a stated bound), "exact", "randomized", or `SvdOptions`.
+        The analyses against W need ΔW's exact singular vectors: a module whose randomized
+        spectrum is not resolved to rounding gets none (noted).
     keep_vectors: keep each module's singular vectors in the result (`ModuleSpectrum.U`, `.V`,
         `.basis`); False releases them once the module is analysed (reports need only the
         singular values and the numbers computed per module), so a large adapter's analysis
@@ -51,6 +56,7 @@ class AnalysisOptions:
     cache_dir: str | os.PathLike | None = None
     device: str | torch.device = "auto"
     keep_vectors: bool = True
+    svd: SvdOptions | SvdMethod = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "taus", tuple(float(t) for t in self.taus))
@@ -123,7 +129,7 @@ def analyze_adapter(
     taus = tuple(options.taus)
     analysis = AdapterAnalysis({}, taus, adapter.source, base.source if base else None, adapter.alpha_known)
     analysis.notes += adapter_notes(adapter)
-    skipped = []
+    skipped, bounded = [], []
     weights: dict[str, torch.Tensor] = {}  # W read for a DoRA module's ΔW, kept for the comparisons
 
     def base_weight(name: str, update: Update) -> torch.Tensor:
@@ -132,15 +138,20 @@ def analyze_adapter(
         return weights[name]
 
     spectra = iter_spectra(adapter.items(), options.device, base=base_weight if base is not None else None,
-                           source=adapter.source)
+                           source=adapter.source, svd=options.svd)
     trim = HeapTrimmer()  # memory stays bounded over thousands of modules (see heap.py)
     for name, spectrum in with_progress(spectra, len(adapter), "analyze", progress):
         result = ModuleAnalysis(name, spectrum, spectrum.metrics(taus))
-        if base is not None:
+        if base is not None and not spectrum.resolved:
+            bounded.append(name)
+            weights.pop(name, None)
+        elif base is not None:
             if options.intruders is None and not options.wants_intruders(spectrum.shape):
                 skipped.append(name)
             W = weights.pop(name) if name in weights else base.weight(name, adapter.info(name))
-            _compare_with_weight(result, W.to(device=spectrum.device, dtype=spectrum.dtype), options)
+            W = W.to(device=spectrum.device, dtype=spectrum.dtype)  # rebound: the float32 read is not kept too
+            _compare_with_weight(result, W, options)
+            del W
         if not options.keep_vectors:
             spectrum.release_vectors()
         trim()
@@ -150,6 +161,11 @@ def analyze_adapter(
             f"intruder dimensions skipped for {len(skipped)} module(s) with min(d_out, d_in) > "
             f"{options.exact_max_dim} (they need W's full SVD): pass intruders=True to compute them"
         )
+    if bounded:
+        analysis.notes.append(
+            f"no comparison with W (Table 7, φ against W, intruders) for {len(bounded)} module(s) (e.g. {bounded[0]}) "
+            "decomposed by a randomized SVD: they need ΔW's exact singular vectors, which its bound does not give "
+            "(--svd exact computes them)")
     return analysis
 
 

@@ -83,7 +83,9 @@ def _top_singular(spectrum: ModuleSpectrum, W: torch.Tensor, k: int, exact_max_d
     U, V = spectrum.U, spectrum.V
     S = spectrum.S.to(U)
     if min(W.shape) <= exact_max_dim:
-        return weight_svd(W + (U * S) @ V.T, cache=False).top(k)
+        tuned = (U * S) @ V.T
+        tuned += W  # W + ΔW without a third (d_out, d_in) buffer, bit for bit the sum W + ΔW
+        return weight_svd(tuned, cache=False).top(k)
     width = min(3 * k, min(W.shape))  # oversampling 2k, as for W itself
     return randomized_svd(
         lambda X: W @ X + U @ (S[:, None] * (V.T @ X)),

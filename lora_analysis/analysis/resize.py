@@ -31,7 +31,7 @@ refused with one line.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Mapping
 
 import numpy as np
@@ -40,6 +40,7 @@ import torch
 from ..adapters import Adapter, LoraModule, Update
 from ..config import LoraConfig
 from ..errors import LoraAnalysisError, shown
+from .dense_svd import SvdMethod, SvdOptions, svd_options
 from .spectrum import THRESHOLD_SLACK, BaseWeightSource, ModuleSpectrum, iter_spectra, rank_metrics, with_progress
 
 RuleKind = Literal["rank", "energy", "sv_ratio", "fro"]
@@ -67,11 +68,26 @@ class RankRule:
         if rank == 0:
             return 0
         if self.kind == "rank":
+            if not spectrum.resolved and int(self.value) >= len(S):
+                raise LoraAnalysisError(f"--rank {int(self.value)}: the randomized SVD's sketch of this {spectrum.kind} "
+                                        f"module has only {len(S)} columns: use --svd exact")
             return min(int(self.value), rank)
         if self.kind == "sv_ratio":
             return int(np.count_nonzero(S[:rank] / S[0] >= (1.0 - THRESHOLD_SLACK) / self.value))
         tau = self.value if self.kind == "energy" else self.value**2
-        return rank_metrics(S, [tau], spectrum.tolerance).energy_rank[tau]
+        if spectrum.resolved:
+            exact = rank_metrics(S, [tau], spectrum.tolerance).energy_rank[tau]
+            assert exact is not None  # rank_metrics of a whole spectrum gives every rank
+            return exact
+        # randomized: the smallest k whose truncation of Q·B keeps τ of ‖ΔW‖²_F (= Σσ(B)² + residual²)
+        ratio = S[:rank] / S[0]
+        kept = np.cumsum(ratio**2) / (np.square(S / S[0]).sum() + (spectrum.residual / S[0]) ** 2)
+        k = int(np.searchsorted(kept, tau * (1 - THRESHOLD_SLACK))) + 1
+        if k > rank:
+            raise LoraAnalysisError(
+                f"--{self.kind.replace('_', '-')} {self.value}: the randomized SVD's sketch of this {spectrum.kind} module "
+                f"holds {100 * float(kept[-1]):.6g}% of ‖ΔW‖²_F, less than asked: use --svd exact")
+        return k
 
     def describe(self) -> str:
         value = int(self.value) if self.kind == "rank" else self.value
@@ -81,20 +97,24 @@ class RankRule:
 @dataclass(frozen=True)
 class ModuleResize:
     """One module's cut. rank_before: the input's r (None where the kind has none, e.g. dense);
-    numerical_rank: of ΔW; rank: k kept; frobenius: ‖ΔW‖_F; error: ‖ΔW − ΔW_k‖_F = √Σ_{i>k}σᵢ²;
-    energy_kept: Σ_{i≤k}σᵢ² / Σσᵢ²; parameters_before / _after: the input's and k·(d_out + d_in)."""
+    numerical_rank: of ΔW (None where a randomized SVD leaves it open); rank: k kept; frobenius: ‖ΔW‖_F; error: ‖ΔW − ΔW_k‖_F = √Σ_{i>k}σᵢ²;
+    energy_kept: Σ_{i≤k}σᵢ² / Σσᵢ²; parameters_before / _after: the input's and k·(d_out + d_in);
+    svd: "exact" or "randomized" (then error and energy_kept are those of the truncation written,
+    exact, and svd_residual = ‖(I − QQᵀ)ΔW‖_F bounds its excess over the optimum: `truncation`)."""
 
     name: str
     kind: str
     shape: tuple[int, int]
     rank_before: int | None
-    numerical_rank: int
+    numerical_rank: int | None
     rank: int
     frobenius: float
     error: float
     energy_kept: float
     parameters_before: int
     parameters_after: int
+    svd: str = "exact"
+    svd_residual: float = 0.0
 
 
 @dataclass
@@ -139,14 +159,20 @@ class ResizeResult:
 def truncation(spectrum: ModuleSpectrum, k: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """(B' (d_out, k), A' (k, d_in), ‖ΔW − ΔW_k‖_F, energy kept) of the best rank-k approximation,
     B' = U_k Σ_k^{1/2}, A' = Σ_k^{1/2} V_kᵀ in float64 (ΔW_k = B'A'). Tail and energy are computed
-    on σ/σ₁ (no under- or overflow of σ²)."""
+    on σ/σ₁ (no under- or overflow of σ²).
+
+    From a randomized SVD (S = σ(B), U = Q·U_B, residual ‖E‖_F = ‖(I − QQᵀ)ΔW‖_F): ΔW_k is the
+    truncation Q·B_k, whose error is exactly √(‖E‖²_F + Σ_{i>k}σᵢ(B)²) (E ⟂ range Q); the optimum's
+    squared error is at least Σ_{i>k}σᵢ(B)² (Ky Fan), so ours exceeds it by at most ‖E‖²_F."""
     S = spectrum.S.detach().cpu().double()
-    root = S[:k].sqrt().to(spectrum.U.device)
-    B = spectrum.U[:, :k].double() * root
-    A = (spectrum.V[:, :k].double() * root).T
+    U, V = spectrum.computed_basis("dW-left").vectors, spectrum.computed_basis("dW-right").vectors
+    root = S[:k].sqrt().to(U.device)
+    B = U[:, :k].double() * root
+    A = (V[:, :k].double() * root).T
     ratio = (S / S[0]).numpy() if S.numel() and float(S[0]) > 0 else np.zeros(0)
-    total = float(np.square(ratio).sum())
-    tail = float(np.square(ratio[k:]).sum())
+    residual = spectrum.residual / float(S[0]) if S.numel() and float(S[0]) > 0 else 0.0  # ‖(I − QQᵀ)ΔW‖_F, 0 when exact
+    total = float(np.square(ratio).sum()) + residual**2
+    tail = float(np.square(ratio[k:]).sum()) + residual**2
     error = float(S[0]) * math.sqrt(tail) if tail else 0.0
     kept = 1.0 - tail / total if total else 1.0
     return B, A, error, kept
@@ -160,6 +186,7 @@ def resize_adapter(
     config: LoraConfig | None = None,
     device: str | torch.device = "auto",
     progress: bool = True,
+    svd: SvdOptions | SvdMethod | None = None,
 ) -> ResizeResult:
     """The best adapter of the ranks `rule` chooses, module by module (see the module docstring).
 
@@ -167,17 +194,23 @@ def resize_adapter(
     model of the output (ranks and α are set per module); by default the input's. Modules are
     streamed: one module's factors and singular vectors are resident at a time. Unknown α, conv
     kernels, fused experts and embeddings are refused before any work (`_check_writable`).
+    `svd`: how dense ΔW are decomposed (`SvdOptions`; a --rank R rule makes the sketch hold ≥ R + 10).
     """
     _check_writable(adapter)
-    spectra = iter_spectra(adapter.items(), device, torch.float64, base=base)
+    options = svd_options(svd)
+    if rule.kind == "rank":
+        options = replace(options, min_rank=max(options.min_rank, int(rule.value)))
+    spectra = iter_spectra(adapter.items(), device, torch.float64, base=base, svd=options)
     modules: dict[str, Update] = {}
     cuts: dict[str, ModuleResize] = {}
     for name, spectrum in with_progress(spectra, len(adapter), "resize", progress):
         info = adapter.info(name)
         k = rule.rank(spectrum)
         B, A, error, kept = truncation(spectrum, k)
-        cuts[name] = ModuleResize(name, info.kind, info.shape, info.r, spectrum.numerical_rank, k,
-                                  spectrum.frobenius_norm, error, kept, info.parameters, k * sum(info.shape))
+        numerical_rank = spectrum.numerical_rank if spectrum.resolved else None  # the sketch's count is not ΔW's
+        cuts[name] = ModuleResize(name, info.kind, info.shape, info.r, numerical_rank, k,
+                                  spectrum.frobenius_norm, error, kept, info.parameters, k * sum(info.shape),
+                                  spectrum.method, spectrum.residual)
         spectrum.release_vectors()
         if k:
             modules[name] = LoraModule(A=_float32(A, name, "A"), B=_float32(B, name, "B"), alpha=float(k),
@@ -226,5 +259,6 @@ def resize_table(modules: Mapping[str, ModuleResize]) -> list[dict]:
     return [{"module": m.name, "kind": m.kind, "shape": list(m.shape), "rank_before": m.rank_before,
              "numerical_rank": m.numerical_rank, "rank": m.rank, "frobenius": m.frobenius, "error": m.error,
              "relative_error": m.error / m.frobenius if m.frobenius else 0.0, "energy_kept": m.energy_kept,
-             "parameters_before": m.parameters_before, "parameters_after": m.parameters_after}
+             "parameters_before": m.parameters_before, "parameters_after": m.parameters_after,
+             "svd": m.svd, "svd_residual": m.svd_residual}
             for m in modules.values()]

@@ -301,7 +301,8 @@ def compare_layers(
 
 
 def _spectra(x: Adapter | Spectra, progress: bool) -> Spectra:
-    return adapter_spectra(x, progress=progress) if isinstance(x, Adapter) else x
+    # exact: φ needs ΔW's singular vectors, which a randomized SVD's bound does not cover
+    return adapter_spectra(x, progress=progress, svd="exact") if isinstance(x, Adapter) else x
 
 
 def _rank(rank: int | None, k: int) -> int:

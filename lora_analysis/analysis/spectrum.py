@@ -13,7 +13,9 @@ B: (d_out, k), A: (k, d_in) — the route every low-rank kind takes (Hu et al. 2
 Kronecker, ΔW = s · (L ⊗ R) (LoKr): the SVDs of L and R (float64), σ = {σᵢ(L)σⱼ(R)} sorted,
 singular vectors uᵢ ⊗ u'ⱼ, formed only when a basis is asked for.
 Block diagonal (fused experts): the union of the blocks' spectra, vectors placed per block.
-Dense, ΔW = s · M: LAPACK SVD in float64 (`dense_svd`, the seam for a randomized route).
+Dense, ΔW = s · M: `dense_svd` — LAPACK in float64, or for large matrices a randomized SVD
+whose a-posteriori bound brackets every singular value (`dense_svd.py`; `ModuleSpectrum.exact`,
+`.residual`, `.bounds`; `rank_metrics_bounded` for what that bound determines).
 
 Over the whole float range: every tensor is first scaled by an exact power of two so its
 largest entry lies in [0.5, 1) (`updates.normalized`), the powers of two join s in a `Scale`
@@ -54,6 +56,7 @@ from ..adapters.updates import (
 from ..config import BASIS_KINDS, BasisKind
 from ..devices import resolve_device
 from ..errors import InputFileError, LoraAnalysisError, shown
+from .dense_svd import DenseSVD, SvdMethod, SvdOptions, dense_svd, svd_options
 
 DEFAULT_TAUS: tuple[float, ...] = (0.9, 0.99)
 FLOAT64_TINY = float(np.finfo(np.float64).tiny)  # smallest normal float64
@@ -107,8 +110,10 @@ class ModuleSpectrum:
     = max(d_out, d_in)·eps·σ₁ (eps of the compute dtype); directions beyond it are arbitrary.
     U: (d_out, m) output space, V: (d_in, m) input space — formed on first access (`basis`).
     `info`: the update's kind, r, α, scale, storage (`UpdateInfo`). `exact`: the SVD is exact
-    to the compute precision (False once a randomized dense route reports `error_bound`, the
-    largest ‖ΔW vᵢ − σᵢuᵢ‖ / σ₁).
+    to the compute precision. Otherwise (a randomized SVD of a dense ΔW, `dense_svd`) S holds the
+    l = `sketch` singular values of the sketch, each a lower bound: the true σᵢ lies in
+    `bounds()` = [S − rounding, √(S² + residual²) + rounding], and σ_{l+1}, … ≤ residual + rounding,
+    residual = ‖(I − QQᵀ)ΔW‖_F; U, V are the sketch's (approximate) singular vectors.
     """
 
     S: torch.Tensor
@@ -119,7 +124,9 @@ class ModuleSpectrum:
     device: torch.device
     _factories: dict[BasisKind, Callable[[], Basis]] = field(repr=False)
     exact: bool = True
-    error_bound: float = 0.0
+    residual: float = 0.0
+    rounding: float = 0.0
+    total_norm: float | None = None
     released: bool = field(default=False, init=False)
     _bases: dict[BasisKind, Basis] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -179,8 +186,9 @@ class ModuleSpectrum:
 
     @property
     def frobenius_norm(self) -> float:
-        """‖ΔW‖_F = √Σσ² over the singular values above the tolerance (`frobenius_norm`)."""
-        return frobenius_norm(self.S, self.tolerance)
+        """‖ΔW‖_F = √Σσ² over the singular values above the tolerance (`frobenius_norm`); from a
+        randomized SVD, computed from ΔW itself."""
+        return self.total_norm if self.total_norm is not None else frobenius_norm(self.S, self.tolerance)
 
     @property
     def has_factor_bases(self) -> bool:
@@ -198,6 +206,17 @@ class ModuleSpectrum:
         """
         if kind not in BASIS_KINDS:
             raise LoraAnalysisError(f"unknown basis {kind!r}: use one of {', '.join(BASIS_KINDS)}")
+        if not self.resolved:
+            raise LoraAnalysisError(
+                f"this {self.kind} module's ΔW ({self.d_out}×{self.d_in}) was decomposed by a randomized SVD whose bound "
+                f"(residual {self.residual:.3g}) covers its singular values, not its singular vectors: decompose it "
+                "exactly (svd='exact', --svd exact) for φ and the comparisons with W")
+        return self.computed_basis(kind)
+
+    def computed_basis(self, kind: BasisKind) -> Basis:
+        """The vectors the SVD computed, whatever its route: `basis` for an exact spectrum; for a
+        randomized one the sketch's U = Q·U_B, V = V_B, whose truncation Q·B_k is what `resize`
+        writes (its error is then known exactly)."""
         if kind not in self._bases:
             if self.released:
                 raise LoraAnalysisError(f"the singular vectors of this {self.kind} module were released "
@@ -209,9 +228,36 @@ class ModuleSpectrum:
             self._bases[kind] = self._factories[kind]()
         return self._bases[kind]
 
+    @property
+    def method(self) -> str:
+        """Which SVD computed S: "exact" or "randomized"."""
+        return "exact" if self.exact else "randomized"
+
+    @property
+    def sketch(self) -> int | None:
+        """l, the randomized SVD's sketch width (None when exact)."""
+        return None if self.exact else self.S.numel()
+
+    @property
+    def resolved(self) -> bool:
+        """Whether S is the whole spectrum to the rounding of an exact SVD: exact, or a sketch
+        whose residual is below the numerical-rank tolerance (every σ beyond the sketch is
+        numerically zero, every σᵢ known to the rounding of the exact route)."""
+        return self.exact or self.residual <= self.tolerance
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lower, upper) float64 bounds of σ₁..σ_len(S) (both S when exact; see the class doc)."""
+        if self.exact:
+            return self.S, self.S
+        lower = (self.S - self.rounding).clamp_min(0.0)
+        return lower, torch.hypot(self.S, torch.tensor(self.residual, dtype=self.S.dtype)) + self.rounding  # no under/overflow
+
     def metrics(self, taus: Sequence[float] = DEFAULT_TAUS) -> "RankMetrics":
-        """`rank_metrics` of S with this spectrum's tolerance."""
-        return rank_metrics(self.S, taus, tolerance=self.tolerance)
+        """`rank_metrics` of S with this spectrum's tolerance; for a randomized spectrum that is
+        not `resolved`, `rank_metrics_bounded` (intervals, and None where undetermined)."""
+        if self.resolved:
+            return rank_metrics(self.S, taus, tolerance=self.tolerance)
+        return rank_metrics_bounded(self, taus)
 
     def release_vectors(self) -> None:
         """Drop the singular vectors (and what they are made from: d × r frames per module),
@@ -219,6 +265,17 @@ class ModuleSpectrum:
         large adapters, which need the vectors only while each module is analysed."""
         self._factories, self._bases = {}, {}
         self.released = True
+
+
+@dataclass
+class MetricIntervals:
+    """Deterministic bounds of the rank metrics of a randomized spectrum (`rank_metrics_bounded`):
+    each true value lies in its closed interval [low, high]."""
+
+    sigma_max: tuple[float, float]
+    stable_rank: tuple[float, float | None]
+    energy_rank: dict[float, tuple[int, int]]
+    numerical_rank: tuple[int, int]
 
 
 @dataclass
@@ -230,15 +287,18 @@ class RankMetrics:
     energy_rank[τ] = smallest k with Σ_{i≤k}σ² ≥ τ·Σσ²; numerical_rank = #σ > tolerance.
     All ranks are 0 for ΔW = 0. Computed on σ/σ₁, so any σ₁ in float64's range gives the same
     ranks and a representable ‖ΔW‖_F = σ₁·√Σ(σ/σ₁)².
+    From a randomized SVD that does not resolve the spectrum: `intervals` bounds them, and a
+    value is None unless its interval is one integer (exact or refuse: never a point estimate).
     """
 
     frobenius: float
-    sigma_max: float
-    stable_rank: float
-    roy_vetterli_rank: float
-    energy_effective_rank: float
-    energy_rank: dict[float, int]
-    numerical_rank: int
+    sigma_max: float | None
+    stable_rank: float | None
+    roy_vetterli_rank: float | None
+    energy_effective_rank: float | None
+    energy_rank: dict[float, int | None]
+    numerical_rank: int | None
+    intervals: MetricIntervals | None = None
 
 
 def rank_tolerance(S: torch.Tensor, dim: int, eps: float) -> float:
@@ -284,7 +344,8 @@ def rank_metrics(S: torch.Tensor | np.ndarray, taus: Sequence[float] = DEFAULT_T
     energy = ratio**2
     total = energy.sum()
     cumulative = np.cumsum(energy)
-    energy_rank = {float(t): int(np.searchsorted(cumulative, t * total * (1 - THRESHOLD_SLACK)) + 1) for t in taus}
+    energy_rank: dict[float, int | None] = {
+        float(t): int(np.searchsorted(cumulative, t * total * (1 - THRESHOLD_SLACK)) + 1) for t in taus}
     return RankMetrics(
         frobenius=_times(peak, math.sqrt(float(total)), "‖ΔW‖_F"),
         sigma_max=peak,
@@ -301,17 +362,61 @@ def _exp_entropy(p: np.ndarray) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
+def rank_metrics_bounded(spectrum: ModuleSpectrum, taus: Sequence[float] = DEFAULT_TAUS) -> RankMetrics:
+    """What the bound of a randomized spectrum determines (`ModuleSpectrum.bounds`, r = residual,
+    ε = rounding, ‖ΔW‖_F computed directly and exact):
+
+        σ₁ ∈ [lo₁, hi₁];  stable rank ‖ΔW‖²_F/σ₁² ∈ [‖ΔW‖²_F/hi₁², ‖ΔW‖²_F/lo₁²]
+        Σ_{i≤k}σᵢ² ∈ [Σ_{i≤k}loᵢ², min(Σ_{i≤k}hiᵢ², Σ_{i≤k}(σᵢ(B) + ε)² + r²)]  (Ky Fan)
+        ⇒ energy rank at τ ∈ [first k whose upper sum reaches τ‖ΔW‖²_F, first k whose lower sum
+          does (min(d_out, d_in) when none within the sketch)]
+        numerical rank ∈ [#loᵢ > tol_hi, #hiᵢ > tol_lo (+ the rest when r + ε > tol_lo)], tol = dim·eps·σ₁
+
+    Integers are given where their interval is one value; σ₁ and the stable rank only as
+    intervals; the entropy ranks need the whole spectrum, which the sketch does not resolve: None.
+    """
+    lower, upper = (b.detach().cpu().double().numpy() for b in spectrum.bounds())
+    norm = spectrum.total_norm if spectrum.total_norm is not None else frobenius_norm(spectrum.S)
+    full = min(spectrum.shape)
+    if norm == 0.0:
+        return rank_metrics(spectrum.S, taus, spectrum.tolerance)
+    lo, hi = lower / norm, upper / norm  # on ‖ΔW‖_F's scale: no over- or underflow of the squares
+    sketch = spectrum.S.detach().cpu().double().numpy() / norm
+    tail = (spectrum.residual / norm) ** 2
+    cum_low = np.cumsum(lo**2)
+    cum_high = np.minimum(np.minimum(np.cumsum(hi**2), np.cumsum((sketch + spectrum.rounding / norm) ** 2) + tail), 1.0)
+    energy: dict[float, tuple[int, int]] = {}
+    for tau in taus:
+        target = tau * (1 - THRESHOLD_SLACK)
+        first_high = int(np.searchsorted(cum_high, target)) + 1  # len+1 when no k ≤ l reaches it
+        first_low = int(np.searchsorted(cum_low, target)) + 1
+        energy[float(tau)] = (min(first_high, full), min(first_low, full) if first_low <= len(cum_low) else full)
+    dim_eps = spectrum.tolerance / float(spectrum.S[0]) if float(spectrum.S[0]) else 0.0
+    tol_low, tol_high = dim_eps * float(lower[0]), dim_eps * float(upper[0])
+    beyond = full - len(lower) if spectrum.residual + spectrum.rounding > tol_low else 0
+    numerical = (int((lower > tol_high).sum()), int((upper > tol_low).sum()) + beyond)
+    sigma = (float(lower[0]), float(upper[0]))
+    stable = (float(1.0 / hi[0] ** 2), float(1.0 / lo[0] ** 2) if lo[0] > 0 else None)
+    intervals = MetricIntervals(sigma, stable, energy, numerical)
+
+    def point(interval: tuple[int, int]) -> int | None:
+        return interval[0] if interval[0] == interval[1] else None
+
+    return RankMetrics(norm, None, None, None, None, {t: point(i) for t, i in energy.items()}, point(numerical), intervals)
+
+
 # ---------------------------------------------------------------------------- entry points
 
 
 def module_spectrum(
     module: Update, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32,
-    base: torch.Tensor | None = None,
+    base: torch.Tensor | None = None, svd: SvdOptions | SvdMethod | None = None,
 ) -> ModuleSpectrum:
     """Exact thin SVD of one module's ΔW (see module docstring); dtype: float32 or float64 QR.
-    `base`: W₀ (d_out, d_in), for kinds whose ΔW needs it (DoRA)."""
+    `base`: W₀ (d_out, d_in), for kinds whose ΔW needs it (DoRA); `svd`: how a dense ΔW is
+    decomposed (`SvdOptions`; default "auto")."""
     weights = None if base is None else (lambda name, update: base)
-    return next(iter_spectra([("module", module)], device, dtype, base=weights))[1]
+    return next(iter_spectra([("module", module)], device, dtype, base=weights, svd=svd))[1]
 
 
 def iter_spectra(
@@ -321,6 +426,7 @@ def iter_spectra(
     batch_size: int = 16,
     base: BaseWeightSource | None = None,
     source: str | None = None,
+    svd: SvdOptions | SvdMethod | None = None,
 ) -> Iterator[tuple[str, ModuleSpectrum]]:
     """(name, spectrum) for a stream of modules, in order; `source` (the adapter's file) is named
     in errors, which name the module and the cause.
@@ -328,10 +434,11 @@ def iter_spectra(
     Consecutive low-rank modules of equal factor shapes are stacked into batches of up to
     `batch_size` for one batched QR/SVD; memory stays at one batch, so a lazy reader can stream
     a large adapter. `base(name, update)` gives W₀ (d_out, d_in) to kinds that need it (DoRA);
-    without it such a module is refused with one line.
+    without it such a module is refused with one line. `svd` chooses how dense ΔW (full
+    fine-tuning) are decomposed: `SvdOptions`, "auto" (default), "exact" or "randomized".
     """
     try:
-        yield from _spectra_stream(modules, resolve_device(device), dtype, batch_size, base)
+        yield from _spectra_stream(modules, resolve_device(device), dtype, batch_size, base, svd_options(svd))
     except LoraAnalysisError as err:
         if source is None or (isinstance(err, InputFileError) and err.path):
             raise  # nothing to add, or it names its file already (a lazily read tensor, a base weight)
@@ -339,7 +446,8 @@ def iter_spectra(
 
 
 def _spectra_stream(modules: Iterable[tuple[str, Update]], device: torch.device, dtype: torch.dtype,
-                    batch_size: int, base: BaseWeightSource | None) -> Iterator[tuple[str, ModuleSpectrum]]:
+                    batch_size: int, base: BaseWeightSource | None,
+                    svd: SvdOptions) -> Iterator[tuple[str, ModuleSpectrum]]:
     batch: list[tuple[str, Update, LowRankForm]] = []
     for name, update in modules:
         form = _form_of(name, update, dtype, base)
@@ -350,7 +458,9 @@ def _spectra_stream(modules: Iterable[tuple[str, Update]], device: torch.device,
         if isinstance(form, LowRankForm):
             batch.append((name, update, form))
         else:
-            yield name, _checked(name, _single_factorization(name, form), update.info)
+            info, factorization = update.info, _single_factorization(name, form, svd, device)
+            del update, form  # a dense ΔW is not kept alive while the consumer works on its spectrum
+            yield name, _checked(name, factorization, info)
     yield from _flush(batch, device, dtype)
 
 
@@ -360,11 +470,12 @@ def adapter_spectra(
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float32,
     base: BaseWeightSource | None = None,
+    svd: SvdOptions | SvdMethod | None = None,
 ) -> dict[str, ModuleSpectrum]:
     """Spectrum of every module, in adapter order (see `iter_spectra`)."""
     items = adapter.items()
     source = adapter.source if isinstance(adapter, Adapter) else None
-    spectra = iter_spectra(items, device, dtype, base=base, source=source)
+    spectra = iter_spectra(items, device, dtype, base=base, source=source, svd=svd)
     return dict(with_progress(spectra, len(items), "spectra", progress))
 
 
@@ -408,8 +519,7 @@ class _Factorization:
     dtype: torch.dtype
     device: torch.device
     factor_bases: dict[BasisKind, Callable[[], Basis]] = field(default_factory=dict)
-    exact: bool = True
-    error_bound: float = 0.0
+    svd: DenseSVD | None = None  # a randomized dense SVD's record: its bound (before the scale)
 
     def vectors(self, side: str) -> torch.Tensor:
         """U ("left") or V ("right"), contiguous."""
@@ -431,8 +541,13 @@ def _spectrum(factorization: _Factorization, info: UpdateInfo) -> ModuleSpectrum
 
     factories: dict[BasisKind, Callable[[], Basis]] = {
         "dW-left": basis("left", "dW-left"), "dW-right": basis("right", "dW-right"), **factorization.factor_bases}
+    svd = factorization.svd
+    if svd is None or svd.exact:
+        return ModuleSpectrum(S, rank, tolerance, info, factorization.dtype, factorization.device, factories)
+    residual, rounding, total = (float(x) for x in factorization.scale.apply(
+        torch.tensor([svd.residual, svd.rounding, svd.frobenius or 0.0], dtype=torch.float64)))
     return ModuleSpectrum(S, rank, tolerance, info, factorization.dtype, factorization.device, factories,
-                          factorization.exact, factorization.error_bound)
+                          exact=False, residual=residual, rounding=rounding, total_norm=total)
 
 
 def _checked(name: str, factorization: _Factorization, info: UpdateInfo) -> ModuleSpectrum:
@@ -455,9 +570,9 @@ def _checked(name: str, factorization: _Factorization, info: UpdateInfo) -> Modu
     return spectrum
 
 
-def _single_factorization(name: str, form: Form) -> _Factorization:
+def _single_factorization(name: str, form: Form, svd: SvdOptions, device: torch.device) -> _Factorization:
     try:
-        factorization = _factorize(form)
+        factorization = _dense(form, svd, device) if isinstance(form, DenseForm) else _factorize(form)
     except torch.linalg.LinAlgError:
         raise LoraAnalysisError(f"module {shown(name)}: the SVD did not converge (LAPACK)") from None
     if not torch.isfinite(factorization.S_norm).all():
@@ -466,46 +581,35 @@ def _single_factorization(name: str, form: Form) -> _Factorization:
 
 
 def _factorize(form: Form) -> _Factorization:
-    """The unscaled SVD of one form, in float64 on the CPU (small or dense forms)."""
+    """The unscaled exact SVD of one form, in float64 on the CPU (small forms, and the parts of
+    Kronecker and block-diagonal forms)."""
     if isinstance(form, LowRankForm):
         return _low_rank_batch([form], torch.device("cpu"), torch.float64)[0]
     if isinstance(form, DenseForm):
-        return _dense(form)
+        return _dense(form, SvdOptions(method="exact"), torch.device("cpu"))
     if isinstance(form, KroneckerForm):
         return _kronecker(form)
     return _block_diagonal(form)
 
 
-@dataclass
-class DenseSVD:
-    """ΔW ≈ U diag(S) Vᵀ of a formed matrix: U: (d_out, k), S: (k,), V: (d_in, k) float64.
-    exact: a full LAPACK SVD; error_bound: max ‖M vᵢ − σᵢuᵢ‖ / σ₁ (0 when exact)."""
-
-    U: torch.Tensor
-    S: torch.Tensor
-    V: torch.Tensor
-    exact: bool = True
-    error_bound: float = 0.0
-
-
-def dense_svd(M: torch.Tensor) -> DenseSVD:
-    """The SVD of a formed ΔW, M: (d_out, d_in) float64: exact LAPACK.
-
-    The seam for large dense updates (issue 12): a randomized SVD with an a-posteriori error
-    bound returns the same record with exact=False and its bound; every caller goes through here.
-    """
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    return DenseSVD(U, S, Vh.T)
-
-
-def _dense(form: DenseForm) -> _Factorization:
-    M, exponent = normalized(form.M, torch.float64)
-    svd = dense_svd(M)
+def _dense(form: DenseForm, svd: SvdOptions, device: torch.device) -> _Factorization:
+    M, exponent = _normalized_dense(form.M)
+    result = dense_svd(M, svd, device)
+    del M
     return _Factorization(
-        svd.S, form.scale.times(1.0, exponent), max(M.shape) * torch.finfo(torch.float64).eps,
-        lambda: (svd.U, None), lambda: (svd.V, None), torch.float64, torch.device("cpu"),
-        exact=svd.exact, error_bound=svd.error_bound,
+        result.S, form.scale.times(1.0, exponent), max(form.shape) * torch.finfo(torch.float64).eps,
+        lambda: (result.U, None), lambda: (result.V, None), torch.float64, torch.device("cpu"), svd=result,
     )
+
+
+def _normalized_dense(M: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(M·2**-e in float64, e) for the SVD: a float64 M whose largest entry is within 2**±256 is
+    taken as is (e = 0, no copy: IEEE arithmetic is exactly equivariant under powers of two away
+    from over- and underflow, which that range keeps far off); else a normalized copy."""
+    exponent = peak_exponent(M)
+    if M.dtype == torch.float64 and abs(exponent) <= 256:
+        return M, 0
+    return normalized(M, torch.float64)
 
 
 def _kronecker(form: KroneckerForm) -> _Factorization:

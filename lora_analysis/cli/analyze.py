@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..config import BASIS_KINDS
 from ..errors import LoraAnalysisError, shown
-from .main import add_common_options, add_device_option, add_force_option
+from .main import add_common_options, add_device_option, add_force_option, add_svd_option
 
 if TYPE_CHECKING:
     from ..adapters import Adapter
@@ -46,7 +46,13 @@ examples:
 
 A model directory (or a model's .safetensors file) instead of an adapter, with --base, is a
 full fine-tune: every 2-D weight's ΔW = W_ft − W₀ (or those --modules selects) is analysed as
-a dense update (exact float64 SVD), the two models read one module at a time.
+a dense update, the two models read one module at a time. --svd chooses its SVD: exact
+(LAPACK, float64), randomized, or auto (default: exact below 2048 on the short side, else a
+randomized SVD whose sketch grows until ‖(I − QQᵀ)ΔW‖_F ≤ 1% of ‖ΔW‖_F, exact where that would
+not pay). A randomized SVD states per module its sketch and residual; every σᵢ is reported
+with a deterministic interval [σᵢ(B), √(σᵢ(B)² + residual²)], metrics it does not pin down as
+intervals (or null, with the reason, in JSON), and the comparisons with W, which need exact
+singular vectors, are skipped for such modules (noted).
   lora-analysis analyze runs/r8 --base minilm        # the built-in model (found anyway when the adapter records it)
 """
 
@@ -63,7 +69,8 @@ examples:
   lora-analysis compare ./full-finetuned ./lora-run --base ./bert-base-uncased   # does LoRA find full FT's directions?
 
 A fine-tuned model on either side (with --base) stands for its ΔW = W_ft − W₀ (kind dense,
-compared in ΔW's singular vectors, dW-right unless --basis says otherwise).
+compared in ΔW's singular vectors, dW-right unless --basis says otherwise), always from the exact
+SVD (φ needs exact singular vectors; a randomized SVD bounds the singular values only).
 """
 
 
@@ -107,6 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     analyze.add_argument("--intruder-epsilon", type=_fraction, default=0.5, metavar="EPS",
                          help="intruder if max |cos| with W's singular vectors is below EPS (default: 0.5)")
     add_device_option(analyze)
+    add_svd_option(analyze)
     add_force_option(analyze)
     add_common_options(analyze)
     analyze.set_defaults(func=run_analyze)
@@ -168,7 +176,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     _progress(args, f"analyzing {len(selected)} module(s) of {args.adapter}")
     options = AnalysisOptions(
         taus=sorted(set(args.tau)), weight_k=args.weight_k, intruders=args.intruders, intruder_k=args.intruder_k,
-        intruder_epsilon=args.intruder_epsilon, device=args.device, keep_vectors=False,
+        intruder_epsilon=args.intruder_epsilon, device=args.device, keep_vectors=False, svd=args.svd,
     )
     analysis = analyze_adapter(selected, base, options, progress=not args.quiet)
     report = analyze_report(
@@ -193,7 +201,9 @@ def run_compare(args: argparse.Namespace) -> int:
     adapter_a, adapter_b = (_model_pair(path, args.base, args.modules) or _select(_load(path, args), args.modules, path)
                             for path in (args.adapter_a, args.adapter_b))
     match_module_names(list(adapter_a.modules), list(adapter_b.modules), (args.adapter_a, args.adapter_b))  # before the work
-    spectra_a, spectra_b = (adapter_spectra(x, progress=not args.quiet, device=args.device) for x in (adapter_a, adapter_b))
+    # exact: φ needs ΔW's singular vectors, which a randomized SVD's bound does not cover
+    spectra_a, spectra_b = (adapter_spectra(x, progress=not args.quiet, device=args.device, svd="exact")
+                            for x in (adapter_a, adapter_b))
     comparison = compare_adapters(spectra_a, spectra_b, basis=args.basis or "A", top_k=args.top_k,
                                   fallback=args.basis is None, sources=(args.adapter_a, args.adapter_b))
     notes = [f"{label}: {note}" for label, x in (("A", adapter_a), ("B", adapter_b)) for note in adapter_notes(x)]

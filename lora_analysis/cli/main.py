@@ -56,6 +56,15 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda:0, ...")
 
 
+def add_svd_option(parser: argparse.ArgumentParser) -> None:
+    """--svd for subcommands that decompose dense ΔW (full fine-tuning; `analysis.dense_svd`)."""
+    parser.add_argument("--svd", choices=("auto", "exact", "randomized"), default="auto",
+                        help="SVD of dense ΔW (full fine-tuning): exact (LAPACK, float64), randomized (a sketch grown "
+                             "until ‖(I − QQᵀ)ΔW‖_F ≤ 1%% of ‖ΔW‖_F, every σ reported with its deterministic bound), or "
+                             "auto (default): exact below 2048 on the short side or where the sketch cannot reach the "
+                             "bound cheaply, else randomized")
+
+
 def add_force_option(parser: argparse.ArgumentParser) -> None:
     """--force for subcommands that write files the user names (rules: `lora_analysis.outputs`)."""
     parser.add_argument("--force", action="store_true",

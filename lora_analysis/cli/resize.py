@@ -23,7 +23,7 @@ from ..fileio import dumps_json
 from ..training.data import BUILTIN_DATASETS, TASKS
 from .analyze import _add_module_filter, _emit, _examples, _load, _model_pair, _positive_int, _progress, _select, base_model_path
 from .analyze import _write as _write_file
-from .main import add_common_options, add_device_option
+from .main import add_common_options, add_device_option, add_svd_option
 
 if TYPE_CHECKING:
     import torch
@@ -126,6 +126,7 @@ def _add_shared(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("text", "json"), default="text", help="per-module table on stdout (default: text)")
     _add_module_filter(parser)
     add_device_option(parser)
+    add_svd_option(parser)
     parser.add_argument("--plot", metavar="FILE", help="with --sweep-ranks: accuracy and energy kept against rank (.png, .pdf, .svg)")
     task = parser.add_argument_group("verified by accuracy")
     task.add_argument("--eval", action="store_true", help="evaluate the new adapter and the original on the validation split")
@@ -237,7 +238,8 @@ def _finish(adapter: Adapter, rule: RankRule | None, args: argparse.Namespace, s
     from ..analysis.resize import resize_adapter
     from ..training.resize_eval import with_head
 
-    result = resize_adapter(adapter, rule, base=base, config=config, device=args.device, progress=not args.quiet)
+    result = resize_adapter(adapter, rule, base=base, config=config, device=args.device, progress=not args.quiet,
+                            svd=args.svd)
     if task is not None:
         result.adapter = with_head(result.adapter, task.head)
     _write(result.adapter, args.output, [source, args.base], args)
@@ -262,7 +264,7 @@ def _sweep(adapter: Adapter, args: argparse.Namespace, source: str, task: _Task 
 
     points = rank_sweep(adapter, args.sweep_ranks, recipe=task.recipe if task else None, model=task.model if task else None,
                         head=task.head if task else None, base=base, config=config, device=args.device,
-                        progress=not args.quiet, on_result=write)
+                        progress=not args.quiet, on_result=write, svd=args.svd)
     original = _evaluate(source, task, args, original=True) if task is not None else None
     if args.plot:
         _plot(points, original, args.plot, args)
@@ -379,9 +381,14 @@ def _render(result: ResizeResult, source: str, fmt: str, evaluations: tuple[Eval
         return dumps_json(document, indent=2) + "\n"
     header = ["module", "shape", "r before", "num. rank", "r", "‖ΔW‖_F", "‖ΔW−ΔW_k‖_F", "rel. error", "energy kept", "params"]
     lines = [[r["module"], "×".join(map(str, r["shape"])), "—" if r["rank_before"] is None else str(r["rank_before"]),
-              str(r["numerical_rank"]), str(r["rank"]), f"{r['frobenius']:.6g}", f"{r['error']:.6g}",
+              "—" if r["numerical_rank"] is None else str(r["numerical_rank"]), str(r["rank"]), f"{r['frobenius']:.6g}", f"{r['error']:.6g}",
               f"{r['relative_error']:.4g}", f"{100 * r['energy_kept']:.4f}%", f"{r['parameters_before']:,} → {r['parameters_after']:,}"]
              for r in rows]
+    randomized = any(r["svd"] == "randomized" for r in rows)
+    if randomized:  # which SVD, per module, and the bound: the excess over the rank-k optimum
+        header.append("SVD")
+        for line, r in zip(lines, rows):
+            line.append("exact" if r["svd"] == "exact" else f"randomized, ‖E‖_F {r['svd_residual']:.3g}")
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     out = [f"{source}: {result.rule.describe()}", "  ".join(h.ljust(w) for h, w in zip(header, widths)),
            "  ".join("-" * w for w in widths)]
@@ -394,6 +401,10 @@ def _render(result: ResizeResult, source: str, fmt: str, evaluations: tuple[Eval
                    f"resized {_score(resized)}")
     out += [f"note: {note}" for note in result.notes]
     out.append("‖ΔW−ΔW_k‖_F = √Σ_{i>k}σᵢ² (Eckart–Young: the least error of any rank-k update); energy kept Σ_{i≤k}σ²/Σσ²")
+    if randomized:
+        out.append("randomized SVD (range basis Q, B = QᵀΔW, E = (I − QQᵀ)ΔW): the module is cut to Q·B_k; its error "
+                   "√(‖E‖²_F + Σ_{i>k}σᵢ(B)²) and energy kept are exact, its squared error exceeds the rank-k optimum's "
+                   "by at most ‖E‖²_F, and the rules apply to σ(B)")
     return "\n".join(out) + "\n"
 
 

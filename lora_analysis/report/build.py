@@ -28,13 +28,14 @@ from .types import (
     ModulePair,
     ModuleReport,
     PhiGrid,
+    SvdReport,
 )
 
 if TYPE_CHECKING:
     from ..adapters import Adapter, UpdateInfo
     from ..analysis import AdapterAnalysis, AdapterComparison, ModuleAnalysis
 
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "2.1"
 NON_FINITE_REASONS = {
     "nan": "NaN: undefined in float64 (a 0/0 or ∞ − ∞ in its computation)",
     "inf": "+Infinity: beyond the float64 range (> 1.8e308)",
@@ -92,7 +93,9 @@ def analyze_report(
         "num_analyzed": len(entries),
         "num_parameters": sum(e["parameters"] for e in entries.values()),
     }
-    return {
+    reasons = {f"/modules/{_pointer_token(name)}{pointer}": why for name in shown
+               for pointer, why in _bounded_reasons(entries[name]).items()}
+    report: AnalyzeReport = {
         "schema_version": SCHEMA_VERSION,
         "kind": "analyze",
         "generator": generator(),
@@ -110,6 +113,9 @@ def analyze_report(
         "summary": summarize(entries, taus),
         "recommendation": recommendation(entries, taus),
     }
+    if reasons:
+        report["null_reasons"] = reasons
+    return report
 
 
 def module_entry(name: str, info: "UpdateInfo", result: "ModuleAnalysis", taus: Sequence[float],
@@ -120,7 +126,7 @@ def module_entry(name: str, info: "UpdateInfo", result: "ModuleAnalysis", taus: 
     with k·(d_in + d_out) parameters; the saving is against the update's own parameters (so it
     is negative where the update is smaller than that LoRA, as LoKr's often are)."""
     metrics = result.metrics
-    energy_rank = {tau_key(t): int(metrics.energy_rank[t]) for t in taus}
+    energy_rank = {tau_key(t): _int(metrics.energy_rank[t]) for t in taus}
     d_out, d_in = info.shape
     return {
         "kind": info.kind,
@@ -141,12 +147,60 @@ def module_entry(name: str, info: "UpdateInfo", result: "ModuleAnalysis", taus: 
         "roy_vetterli_rank": metrics.roy_vetterli_rank,
         "energy_effective_rank": metrics.energy_effective_rank,
         "energy_rank": energy_rank,
-        "numerical_rank": int(metrics.numerical_rank),
+        "numerical_rank": _int(metrics.numerical_rank),
         "recommended_rank": energy_rank,
-        "parameter_saving": {k: info.parameters - v * (d_in + d_out) for k, v in energy_rank.items()},
+        "parameter_saving": {k: None if v is None else info.parameters - v * (d_in + d_out) for k, v in energy_rank.items()},
         "singular_values": [float(s) for s in result.spectrum.S],
+        "svd": svd_entry(result, taus),
         "base": base_entry(result, base_name),
     }
+
+
+def svd_entry(result: "ModuleAnalysis", taus: Sequence[float]) -> SvdReport:
+    """`schema.json#/$defs/svd_report`: which SVD gave the module's spectrum and, for a randomized
+    one, its bound: singular_values are then σ(B) of the sketch, and each true σᵢ lies in
+    [singular_value_lower[i], singular_value_upper[i]]."""
+    spectrum, intervals = result.spectrum, result.metrics.intervals
+    norm = result.metrics.frobenius
+    lower, upper = (None, None) if spectrum.exact else ([float(x) for x in b] for b in spectrum.bounds())
+    return {
+        "method": "exact" if spectrum.exact else "randomized",
+        "sketch": spectrum.sketch,
+        "residual": spectrum.residual,
+        "relative_residual": spectrum.residual / norm if norm else 0.0,
+        "resolved": spectrum.resolved,
+        "singular_value_lower": lower,
+        "singular_value_upper": upper,
+        "intervals": None if intervals is None else {
+            "sigma_max": list(intervals.sigma_max),
+            "stable_rank": list(intervals.stable_rank),
+            "numerical_rank": list(intervals.numerical_rank),
+            "energy_rank": {tau_key(t): list(intervals.energy_rank[t]) for t in taus},
+        },
+    }
+
+
+def _bounded_reasons(entry: ModuleReport) -> dict[str, str]:
+    """Why a module's numbers are null where its randomized SVD leaves them undetermined (JSON
+    Pointers below the module)."""
+    intervals = entry["svd"]["intervals"]
+    if intervals is None:
+        return {}
+    bounded = "randomized SVD: known only within the interval at /svd/intervals/"
+    reasons = {"/sigma_max": bounded + "sigma_max", "/stable_rank": bounded + "stable_rank"}
+    whole = ("needs the whole spectrum; the randomized SVD resolves σ₁..σ_l only (the rest ≤ residual)")
+    reasons.update({"/roy_vetterli_rank": whole, "/energy_effective_rank": whole})
+    if entry["numerical_rank"] is None:
+        reasons["/numerical_rank"] = bounded + "numerical_rank"
+    for key, value in entry["energy_rank"].items():
+        if value is None:
+            for field in ("energy_rank", "recommended_rank", "parameter_saving"):
+                reasons[f"/{field}/{_pointer_token(key)}"] = bounded + f"energy_rank/{_pointer_token(key)}"
+    return reasons
+
+
+def _int(value: int | None) -> int | None:
+    return None if value is None else int(value)
 
 
 def base_entry(result: "ModuleAnalysis", base_name: str) -> BaseReport | None:
@@ -249,8 +303,8 @@ def _number(x: float | np.floating | None) -> float | None:
 def json_ready(report: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `report` for JSON: every float that is not finite becomes None, and
     `null_reasons` maps its JSON Pointer (RFC 6901, e.g. "/modules/q/stable_rank") to why."""
-    reasons: dict[str, str] = {}
-    clean: dict[str, Any] = _finite_or_null(dict(report), "", reasons)
+    reasons: dict[str, str] = dict(report.get("null_reasons", {}))
+    clean: dict[str, Any] = _finite_or_null({k: v for k, v in report.items() if k != "null_reasons"}, "", reasons)
     if reasons:
         clean["null_reasons"] = reasons
     return clean

@@ -71,7 +71,8 @@ def analyze_figures(report: AnalyzeReport) -> list[tuple[bytes, str]]:
             cells, rows=rows, columns=columns, title="Energy effective rank exp(H(σ²/Σσ²)) of ΔW", label="effective rank")),
             "Energy effective rank per layer and projection type (grey: no LoRA module there)."))
         if report["base"] is not None:
-            cells = {(plots.plain_text(m["projection"]), plots.plain_text(m["layer"])): base_of(m)["amplification"]
+            cells = {(plots.plain_text(m["projection"]), plots.plain_text(m["layer"])):
+                     m["base"]["amplification"] if m["base"] is not None else None  # None: randomized SVD (noted)
                      for m in modules.values() if m["layer"] is not None}
             figures.append((plots.figure_bytes(plots.layer_heatmap(
                 cells, rows=rows, columns=columns, title="Amplification ‖ΔW‖_F / ‖UᵀWV‖_F", label="amplification",
@@ -94,7 +95,8 @@ def phi_weight_panels(modules: Mapping[str, ModuleReport]) -> tuple[list, str]:
     (layer by layer), titled "layer 3, q"; and the module paths' common prefix."""
     from .. import plots
 
-    shown = sorted(sorted(modules, key=lambda n: modules[n]["frobenius_norm"], reverse=True)[:MAX_PHI_PANELS],
+    compared = [n for n in modules if modules[n]["base"] is not None]  # not: randomized SVD (noted)
+    shown = sorted(sorted(compared, key=lambda n: modules[n]["frobenius_norm"], reverse=True)[:MAX_PHI_PANELS],
                    key=model_order)
     prefix = common_prefix(shown)
     panels = [plots.PhiPanel(base_of(modules[n])["phi_weight"]["phi"], title=_panel_title(n, modules[n], prefix),

@@ -18,10 +18,18 @@ def tau_key(tau: float) -> str:
     return repr(float(tau))
 
 
-def recommended_parameters(entry: ModuleReport, tau: float) -> int:
-    """Σ parameters of the module at its recommended rank: rank_τ·(d_in + d_out)."""
+def recommended_parameters(entry: ModuleReport, tau: float) -> int | None:
+    """Σ parameters of the module at its recommended rank: rank_τ·(d_in + d_out) (None where a
+    randomized SVD leaves the rank open)."""
     d_out, d_in = entry["shape"]
-    return entry["recommended_rank"][tau_key(tau)] * (d_in + d_out)
+    rank = entry["recommended_rank"][tau_key(tau)]
+    return None if rank is None else rank * (d_in + d_out)
+
+
+def exact_sum(values: Iterable[int | None]) -> int | None:
+    """Σ values, or None when one is None (undetermined: a sum without it would be wrong)."""
+    values = list(values)
+    return None if any(v is None for v in values) else sum(v for v in values if v is not None)
 
 
 def group_summary(group: str, entries: Sequence[ModuleReport], taus: Sequence[float]) -> GroupSummary:
@@ -32,16 +40,24 @@ def group_summary(group: str, entries: Sequence[ModuleReport], taus: Sequence[fl
         finite = [v for v in values if v is not None and math.isfinite(v)]
         return sum(finite) / len(finite) if finite else None
 
+    def exact_mean(values: Iterable[float | None]) -> float | None:
+        """The mean, or None when a randomized SVD left a module's value undetermined."""
+        values = list(values)
+        if any(v is None and e.get("svd", {}).get("intervals") is not None for v, e in zip(values, entries)):
+            return None
+        return mean(values) or 0.0
+
     row: GroupSummary = {
         "group": group,
         "modules": n,
         "parameters": sum(e["parameters"] for e in entries),
         "frobenius_norm": math.hypot(*(e["frobenius_norm"] for e in entries)),  # no overflow of the squares
-        "mean_stable_rank": mean(e["stable_rank"] for e in entries) or 0.0,
-        "mean_energy_effective_rank": mean(e["energy_effective_rank"] for e in entries) or 0.0,
-        "mean_numerical_rank": mean(e["numerical_rank"] for e in entries) or 0.0,
-        "mean_energy_rank": {tau_key(t): mean(e["energy_rank"][tau_key(t)] for e in entries) or 0.0 for t in taus},
-        "recommended_parameters": {tau_key(t): sum(recommended_parameters(e, t) for e in entries) for t in taus},
+        "mean_stable_rank": exact_mean((e["stable_rank"] for e in entries)),
+        "mean_energy_effective_rank": exact_mean((e["energy_effective_rank"] for e in entries)),
+        "mean_numerical_rank": exact_mean((e["numerical_rank"] for e in entries)),
+        "mean_energy_rank": {tau_key(t): exact_mean((e["energy_rank"][tau_key(t)] for e in entries))
+                             for t in taus},
+        "recommended_parameters": {tau_key(t): exact_sum(recommended_parameters(e, t) for e in entries) for t in taus},
     }
     bases = [e["base"] for e in entries if e["base"] is not None]
     if bases:
@@ -73,12 +89,12 @@ def recommendation(entries: Mapping[str, ModuleReport], taus: Sequence[float]) -
     total = sum(e["parameters"] for e in entries.values())
     rows: list[Recommendation] = []
     for tau in taus:
-        kept = sum(recommended_parameters(e, tau) for e in entries.values())
+        kept = exact_sum(recommended_parameters(e, tau) for e in entries.values())
         rows.append({
             "energy": float(tau),
             "parameters": total,
             "recommended_parameters": kept,
-            "saving": total - kept,
-            "saving_fraction": (total - kept) / total if total else 0.0,
+            "saving": None if kept is None else total - kept,
+            "saving_fraction": None if kept is None else (total - kept) / total if total else 0.0,
         })
     return rows

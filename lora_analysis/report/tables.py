@@ -14,7 +14,7 @@ from ..config import BASIS_DESCRIPTIONS
 from ..errors import escaped
 from .grouping import common_prefix
 from .summary import tau_key
-from .types import AnalyzeReport, CompareReport, GroupSummary, PhiGrid, Recommendation, base_of
+from .types import AnalyzeReport, CompareReport, GroupSummary, ModuleReport, PhiGrid, Recommendation, base_of
 
 MISSING = "—"
 
@@ -88,7 +88,7 @@ def _group_table(title: str, key: str, groups: Sequence[GroupSummary], taus: Seq
 def _recommendation_table(recommendation: Sequence[Recommendation]) -> Table:
     columns = ["energy kept", "params now", "params at recommended ranks", "saving", "saving %"]
     rows = [[percent(r["energy"]), fmt(r["parameters"]), fmt(r["recommended_parameters"]), fmt(r["saving"]),
-             f"{100 * r['saving_fraction']:.1f}%"] for r in recommendation]
+             MISSING if r["saving_fraction"] is None else f"{100 * r['saving_fraction']:.1f}%"] for r in recommendation]
     notes = ["each module cut to the smallest rank keeping that share of its energy Σσ² (the r@τ columns)"]
     return Table("Rank recommendation", columns, rows, [False, True, True, True, True], notes)
 
@@ -99,18 +99,28 @@ def _module_table(report: AnalyzeReport, taus: Sequence[float]) -> Table:
     columns = ["module", "shape", "r", "α", "scale", "‖ΔW‖_F", "σ₁", "stable rank", "Roy-Vetterli rank",
                "energy eff. rank", *[f"r@{percent(t)}" for t in taus], "num. rank", "kind"]
     columns += ["component"] if components else []
+    randomized = any(m.get("svd", {}).get("method") == "randomized" for m in modules.values())
+    columns += ["SVD"] if randomized else []
     rows = []
     for name, m in modules.items():
+        bounds: dict = dict(m.get("svd", {}).get("intervals") or {})
+
+        def cell(key: str, digits: int = 4, tau: str | None = None) -> str:
+            value = m[key] if tau is None else m[key][tau]  # type: ignore[literal-required]
+            interval = bounds.get("energy_rank", {}).get(tau) if tau is not None else bounds.get(key)
+            return _interval(interval, digits) if value is None and interval else fmt(value, digits)
+
         row = [
             name, "×".join(map(str, m["shape"])), fmt(m["r"]),
             fmt(m["alpha"]) if m["alpha"] is not None else "unknown",
             fmt(m["scale"]) if m["scale"] is not None else "unknown",
-            fmt(m["frobenius_norm"]), fmt(m["sigma_max"]), fmt(m["stable_rank"], 3),
+            fmt(m["frobenius_norm"]), cell("sigma_max"), cell("stable_rank", 3),
             fmt(m["roy_vetterli_rank"], 3), fmt(m["energy_effective_rank"], 3),
-            *[fmt(m["recommended_rank"][tau_key(t)]) for t in taus], fmt(m["numerical_rank"]),
+            *[cell("recommended_rank", tau=tau_key(t)) for t in taus], cell("numerical_rank"),
             m["kind"] + (f" ({m['storage']})" if m["storage"] else ""),
         ]
-        rows.append(row + ([m.get("component") or MISSING] if components else []))
+        row += [m.get("component") or MISSING] if components else []
+        rows.append(row + ([_svd_cell(m)] if randomized else []))
     settings, adapter = report["settings"], report["adapter"]
     title = "Modules"
     if settings["top"] is not None and settings["top"] < adapter["num_analyzed"]:
@@ -119,8 +129,32 @@ def _module_table(report: AnalyzeReport, taus: Sequence[float]) -> Table:
              "Roy-Vetterli rank exp(H(σ/Σσ)); energy eff. rank exp(H(σ²/Σσ²))",
              "kind: how ΔW is made from the file's tensors (lora s·B·A, adalora, tucker, loha, lokr, dora, "
              "dora-direction, dense); shape [d_out, d_in], conv kernels flattened per output channel"]
-    numeric = [False, False] + [True] * (len(columns) - 2 - 1 - int(components)) + [False] * (1 + int(components))
+    if randomized:
+        notes.append("SVD: exact (LAPACK), or randomized with a sketch of l columns and residual ‖E‖_F = ‖(I − QQᵀ)ΔW‖_F "
+                     "(shown relative to ‖ΔW‖_F): every true σᵢ lies in [σᵢ(B), √(σᵢ(B)² + ‖E‖_F²)], so values it does "
+                     "not pin down are shown as [low, high] intervals, and the entropy ranks, which need the whole "
+                     "spectrum, as —; ‖ΔW‖_F is exact")
+    extra = int(components) + int(randomized)
+    numeric = [False, False] + [True] * (len(columns) - 2 - 1 - extra) + [False] * (1 + extra)
     return Table(title, columns, rows, numeric, notes)
+
+
+def _interval(interval: Sequence[float | int | None], digits: int) -> str:
+    """[low, high] of a bounded value (high None: unbounded)."""
+    low, high = interval
+    if high is None:
+        return f"[{fmt(low, digits)}, ∞]"
+    while digits < 12 and fmt(low, digits) == fmt(high, digits) and low != high:
+        digits += 1  # enough digits to tell the ends apart
+    return f"[{fmt(low, digits)}, {fmt(high, digits)}]"
+
+
+def _svd_cell(module: ModuleReport) -> str:
+    """Which SVD gave a module's spectrum, and its bound: "exact", or "randomized l=256, ‖E‖/‖ΔW‖ 3.1e-05"."""
+    svd: dict = dict(module.get("svd") or {})  # absent in reports written before schema 2.1
+    if svd.get("method", "exact") == "exact":
+        return "exact"
+    return f"randomized l={svd['sketch']}, ‖E‖/‖ΔW‖ {fmt(svd['relative_residual'], 2)}"
 
 
 def _base_table(report: AnalyzeReport) -> Table:
@@ -128,6 +162,8 @@ def _base_table(report: AnalyzeReport) -> Table:
                "φ_W(k, k)", "chance", "intruders"]
     rows = []
     for name, m in report["modules"].items():
+        if m["base"] is None:  # a randomized spectrum without exact singular vectors (noted)
+            continue
         b = base_of(m)
         proj = b["projection_norms"]
         k, phi_kk = _phi_weight_corner(b["phi_weight"])

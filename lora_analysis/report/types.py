@@ -98,6 +98,31 @@ class BaseReport(TypedDict):
     intruders: IntrudersReport | None
 
 
+class SvdIntervals(TypedDict):
+    """`$defs/svd_report/properties/intervals`: closed bounds [low, high] of a randomized spectrum's metrics."""
+
+    sigma_max: list[float]
+    stable_rank: list[float | None]
+    numerical_rank: list[int]
+    energy_rank: dict[str, list[int]]
+
+
+class SvdReport(TypedDict):
+    """`$defs/svd_report`: which SVD gave a module's spectrum, and its bound."""
+
+    method: Literal["exact", "randomized"]
+    sketch: int | None
+    residual: float
+    relative_residual: float
+    resolved: bool
+    singular_value_lower: list[float] | None
+    singular_value_upper: list[float] | None
+    intervals: SvdIntervals | None
+
+
+ByThresholdOrNull = dict[str, Union[int, None]]  # int_by_threshold where a randomized SVD leaves a rank open
+
+
 class ModuleReport(TypedDict):
     """`$defs/module_report`: one module's update, spectrum and rank metrics."""
 
@@ -114,15 +139,16 @@ class ModuleReport(TypedDict):
     projection: str
     parameters: int
     frobenius_norm: float
-    sigma_max: float
-    stable_rank: float
-    roy_vetterli_rank: float
-    energy_effective_rank: float
-    energy_rank: ByThreshold
-    numerical_rank: int
-    recommended_rank: ByThreshold
-    parameter_saving: ByThreshold
+    sigma_max: float | None
+    stable_rank: float | None
+    roy_vetterli_rank: float | None
+    energy_effective_rank: float | None
+    energy_rank: ByThresholdOrNull
+    numerical_rank: int | None
+    recommended_rank: ByThresholdOrNull
+    parameter_saving: ByThresholdOrNull
     singular_values: list[float]
+    svd: SvdReport
     base: BaseReport | None
 
 
@@ -131,11 +157,11 @@ class _GroupSummary(TypedDict):
     modules: int
     parameters: int
     frobenius_norm: float
-    mean_stable_rank: float
-    mean_energy_effective_rank: float
-    mean_numerical_rank: float
-    mean_energy_rank: dict[str, float]
-    recommended_parameters: ByThreshold
+    mean_stable_rank: float | None
+    mean_energy_effective_rank: float | None
+    mean_numerical_rank: float | None
+    mean_energy_rank: dict[str, float | None]
+    recommended_parameters: ByThresholdOrNull
 
 
 class GroupSummary(_GroupSummary, total=False):
@@ -159,9 +185,9 @@ class Recommendation(TypedDict):
 
     energy: float
     parameters: int
-    recommended_parameters: int
-    saving: int
-    saving_fraction: float
+    recommended_parameters: int | None
+    saving: int | None
+    saving_fraction: float | None
 
 
 class _NullReasons(TypedDict, total=False):

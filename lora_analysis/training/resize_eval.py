@@ -102,14 +102,17 @@ def rank_sweep(
     device: str = "auto",
     progress: bool = True,
     on_result: Callable[[int, Adapter], None] | None = None,
+    svd: str = "auto",
 ) -> list[RankPoint]:
     """The best adapter of each rank in `ranks` (`resize_adapter` with rule rank k), evaluated on
     `recipe`'s validation split with `model` as the base when `recipe` is given; `head` is added
     to each (`with_head`). `on_result(k, adapter)` sees each adapter before the next rank (to
-    write it). Energy kept (`ResizeResult.energy_kept`) is non-decreasing in k."""
+    write it). Energy kept (`ResizeResult.energy_kept`) is non-decreasing in k. `svd`: how dense
+    ΔW are decomposed (`resize_adapter`)."""
     points = []
     for k in ranks:
-        result = resize_adapter(adapter, RankRule("rank", k), base=base, config=config, device=device, progress=progress)
+        result = resize_adapter(adapter, RankRule("rank", k), base=base, config=config, device=device, progress=progress,
+                                svd=svd)  # type: ignore[arg-type]
         result.adapter = with_head(result.adapter, head or {})
         if on_result is not None:
             on_result(k, result.adapter)
