@@ -300,6 +300,14 @@ class RankMetrics:
     numerical_rank: int | None
     intervals: MetricIntervals | None = None
 
+    def resolved(self, name: str, tau: float | None = None) -> float:
+        """Metric `name` (a field; `energy_rank` at `tau`) where the spectrum resolves it (always
+        for `rank_metrics` of a whole spectrum); LoraAnalysisError where the bound leaves it open."""
+        value = self.energy_rank.get(tau) if name == "energy_rank" and tau is not None else getattr(self, name)
+        if value is None or isinstance(value, dict):
+            raise LoraAnalysisError(f"{name}{'' if tau is None else f' at {tau}'} is not resolved by this spectrum's bound")
+        return value
+
 
 def rank_tolerance(S: torch.Tensor, dim: int, eps: float) -> float:
     """dim·eps·σ₁ for descending S (the numpy `matrix_rank` rule): singular values at or below

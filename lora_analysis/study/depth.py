@@ -43,7 +43,7 @@ TESTS = (("lora", "energy_rank_90"), ("full", "energy_rank_90"), ("full", "norm"
 def module_measures(S: np.ndarray) -> dict[str, float]:
     """The measures of one module's singular values S (see `MEASURES`)."""
     metrics = rank_metrics(S, (0.9,))
-    return {"energy_rank_90": float(metrics.energy_rank[0.9]), "effective_rank": metrics.energy_effective_rank,
+    return {"energy_rank_90": metrics.resolved("energy_rank", 0.9), "effective_rank": metrics.resolved("energy_effective_rank"),
             "norm": metrics.frobenius}
 
 

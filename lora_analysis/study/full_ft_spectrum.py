@@ -130,8 +130,9 @@ def unit_numbers(unit: Unit, max_rank: int) -> dict[str, Any]:
                                "within_max_rank": float(np.sum(unit.normalized[:max_rank] ** 2))}
     for tau in TAUS:
         tag = _tag(tau)
-        fraction = metrics.energy_rank[tau] / d
-        numbers[f"energy_rank_{tag}"] = metrics.energy_rank[tau]
+        rank = int(metrics.resolved("energy_rank", tau))
+        fraction = rank / d
+        numbers[f"energy_rank_{tag}"] = rank
         numbers[f"fraction_{tag}"] = fraction
         numbers[f"null_fraction_{tag}"] = null.energy_rank_fraction(tau)
         numbers[f"ratio_{tag}"] = fraction / null.energy_rank_fraction(tau)
