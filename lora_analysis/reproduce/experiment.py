@@ -24,6 +24,12 @@ PAPER_RANKS = (1, 2, 4, 8, 64)
 PAPER_SEEDS = (0, 1)
 
 
+def default_run_dir(model: str, data: str, quick: bool, root: Path = Path("runs")) -> Path:
+    """Where the sweep of `model` on `data` is trained: `<root>/reproduce-<model>-<data>[-quick]`
+    (`reproduce` and `study` share these directories, so each reuses the other's cells)."""
+    return Path(root) / f"reproduce-{Path(model).name}-{Path(data).stem}{'-quick' if quick else ''}"
+
+
 @dataclass
 class ReproduceConfig:
     """What to train and render.
@@ -61,7 +67,7 @@ class ReproduceConfig:
 
     def __post_init__(self) -> None:
         if self.run_dir is None:
-            self.run_dir = Path("runs") / f"reproduce-{Path(self.model).name}-{Path(self.data).stem}{'-quick' if self.quick else ''}"
+            self.run_dir = default_run_dir(self.model, self.data, self.quick)
         self.run_dir = Path(self.run_dir)
         if self.out is None:
             self.out = self.run_dir / "figures" if self.quick else Path("figures")

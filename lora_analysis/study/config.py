@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LoraAnalysisError
-from ..reproduce.experiment import ReproduceConfig
+from ..reproduce.experiment import ReproduceConfig, default_run_dir
 
 QKVO = ["query", "key", "value", "attention.output.dense"]
 
@@ -107,8 +107,14 @@ class StudyConfig:
             self.null_draws = 200 if self.quick else 1000
         self.runs_root = Path(self.runs_root)
         if self.out is None:
-            self.out = self.runs_root / f"study-{Path(self.model).name}-quick" / "figures" if self.quick else Path("figures/study")
+            self.out = self.study_dir / "figures" if self.quick else Path("figures/study")
         self.out = Path(self.out)
+
+    @property
+    def study_dir(self) -> Path:
+        """The study's own folder beside the runs (`<runs_root>/study-<model>[-quick]`): its cache
+        and, for a quick run, its figures."""
+        return self.runs_root / f"study-{Path(self.model).name}{'-quick' if self.quick else ''}"
 
     @property
     def main_task(self) -> str:
@@ -117,8 +123,5 @@ class StudyConfig:
     def reproduce_config(self, task: str) -> ReproduceConfig:
         """The sweep of `task`: reproduce's run directory and training recipe (shared runs)."""
         return ReproduceConfig(model=self.model, data=task, quick=self.quick, device=self.device,
-                               progress=self.progress, run_dir=self._run_dir(task))
-
-    def _run_dir(self, task: str) -> Path:
-        quick = "-quick" if self.quick else ""
-        return self.runs_root / f"reproduce-{Path(self.model).name}-{Path(task).stem}{quick}"
+                               progress=self.progress,
+                               run_dir=default_run_dir(self.model, task, self.quick, self.runs_root))

@@ -116,8 +116,7 @@ class StudyRuns:
         return self.config.reproduce_config(task).train_config()
 
     def cache_dir(self) -> Path:
-        quick = "-quick" if self.config.quick else ""
-        path = self.config.runs_root / f"study-{Path(self.config.model).name}{quick}" / "cache"
+        path = self.config.study_dir / "cache"
         path.mkdir(parents=True, exist_ok=True)
         return path
 
