@@ -18,7 +18,7 @@ import torch
 from ..analysis import adapter_spectra
 from ..errors import LoraAnalysisError
 from ..naming import layer_of
-from .runs import full_cell
+from ..training import full_cell_name
 from .types import StudyRunsView
 
 # Projection types of a transformer layer (BERT names), by the suffix of the module path. The
@@ -65,7 +65,7 @@ Key = tuple[str, int]  # (projection, layer)
 def full_svds(runs: StudyRunsView, task: str, seed: int) -> dict[Key, DeltaSVD]:
     """Every projection of every layer of full fine-tuning's ΔW (cell `full-s<seed>`)."""
     base = _base_dir(runs)
-    return dict(_full_svds(str(runs.cell_dir(task, full_cell(seed))), str(base)))
+    return dict(_full_svds(str(runs.cell_dir(task, full_cell_name(seed))), str(base)))
 
 
 def _base_dir(runs: StudyRunsView) -> Path:

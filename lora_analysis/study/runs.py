@@ -17,17 +17,11 @@ from typing import Any
 from ..adapters import Adapter, load_adapter
 from ..errors import LoraAnalysisError
 from ..fileio import read_json
-from ..training import TrainConfig, cell_name, run_sweep
+from ..training import TrainConfig, cell_name, full_cell_name, run_sweep
 from ..training.models import resolve_model
 from ..training.output_dir import looks_finished
+from ..training.sweep import FULL
 from .config import StudyConfig
-
-FULL = "full"
-
-
-def full_cell(seed: int) -> str:
-    """The sweep's name of the full fine-tuning cell of `seed`."""
-    return f"{FULL}-s{seed}"
 
 
 @dataclass(frozen=True)
@@ -106,7 +100,7 @@ class StudyRuns:
 
     def adapter(self, task: str, cell: str) -> Adapter:
         if cell.startswith(FULL):
-            raise LoraAnalysisError(f"{cell} is a full fine-tuning cell, not an adapter (use full_ft.full_spectra)")
+            raise LoraAnalysisError(f"{cell} is a full fine-tuning cell, not an adapter (its ΔW: study.deltas.full_svds)")
         key = (task, cell)
         if key not in self._adapters:
             self._adapters[key] = load_adapter(self.cell_dir(task, cell))
@@ -150,4 +144,4 @@ def train_study(config: StudyConfig) -> StudyRuns:
 
 def _plan_cells(plan: SweepPlan) -> list[str]:
     lora = [cell_name(r, seed, targets) for targets in plan.target_sets for r in plan.ranks for seed in plan.seeds]
-    return lora + ([full_cell(seed) for seed in plan.seeds] if plan.full else [])
+    return lora + ([full_cell_name(seed) for seed in plan.seeds] if plan.full else [])

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..analysis.stats import ALPHA, mean_interval
 from ..errors import LoraAnalysisError
-from ..training import cell_name
+from ..training import cell_name, full_cell_name
 from .types import StudyRunsView
 
 
@@ -29,7 +29,7 @@ def lora_accuracies(runs: StudyRunsView, task: str, r: int, seeds: Sequence[int]
 
 def full_accuracies(runs: StudyRunsView, task: str, seeds: Sequence[int]) -> list[float]:
     """Final validation accuracy of the full fine-tuning cells, one per seed."""
-    return [runs.accuracy(task, f"full-s{seed}") for seed in seeds]
+    return [runs.accuracy(task, full_cell_name(seed)) for seed in seeds]
 
 
 def summary(values: Sequence[float], alpha: float = ALPHA) -> dict:

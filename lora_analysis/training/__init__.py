@@ -27,6 +27,7 @@ _EXPORTS = {
     "rank_sweep": ".resize_eval",
     "SweepResult": ".sweep",
     "cell_name": ".sweep",
+    "full_cell_name": ".sweep",
     "run_sweep": ".sweep",
 }
 
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from .loop import TrainResult, train
     from .models import load_model
     from .resize_eval import RankPoint, rank_sweep
-    from .sweep import SweepResult, cell_name, run_sweep
+    from .sweep import SweepResult, cell_name, full_cell_name, run_sweep
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

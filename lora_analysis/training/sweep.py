@@ -71,7 +71,7 @@ class Cell:
     @property
     def name(self) -> str:
         if self.method == FULL:
-            return f"full-s{self.seed}"
+            return full_cell_name(self.seed)
         assert self.r is not None and self.targets is not None, "a LoRA cell has a rank and targets"
         return cell_name(self.r, self.seed, self.targets)
 
@@ -85,6 +85,11 @@ class Cell:
         """`entry` (a manifest's record of this cell's name) records this cell; manifests
         written before full fine-tuning existed record no method (LoRA)."""
         return {k: entry.get(k, "lora" if k == "method" else None) for k in self.record()} == self.record()
+
+
+def full_cell_name(seed: int) -> str:
+    """Stable directory name of a full fine-tuning cell: `full-s<seed>`."""
+    return f"{FULL}-s{seed}"
 
 
 def cell_name(r: int, seed: int, targets: list[str] | str) -> str:
